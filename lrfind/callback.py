@@ -1,0 +1,186 @@
+"""Callbacks: named training events, a no-op base class, cancel exceptions, and the schedulers.
+
+Events, in the order the trainer fires them (each method receives the learner):
+
+    before_fit
+      before_epoch
+        before_train
+          before_batch   learn.batch is on the device
+          after_loss     learn.loss is the batch's loss; learn.loss_grad is what backward sees
+          before_step    gradients ready (every accum_steps batches); learn.train_iter = step index
+          after_step     an optimizer step happened (not fired when it was cancelled or skipped)
+          after_batch
+        after_train
+        before_validate
+        after_validate   learn.valid_result holds the validation dict
+      after_epoch        always, also after CancelEpochException
+    after_fit            always, also after an error (learn.fit_error is set then)
+
+Callbacks run in ascending ``order``. Raising a cancel exception from an event skips the rest of
+that unit of work: the batch, the optimizer step, the epoch or the whole fit.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .schedules import Schedule
+
+if TYPE_CHECKING:
+    from .learner import Learner
+
+EVENTS = ("before_fit", "before_epoch", "before_train", "before_batch", "after_loss",
+          "before_step", "after_step", "after_batch", "after_train", "before_validate",
+          "after_validate", "after_epoch", "after_fit")
+
+
+class CancelBatchException(Exception):
+    """Skip the rest of the current batch."""
+
+
+class CancelStepException(Exception):
+    """Skip the optimizer step (gradients are cleared; the schedule does not advance)."""
+
+
+class CancelEpochException(Exception):
+    """Skip the rest of the current epoch (``after_epoch`` still runs)."""
+
+
+class CancelFitException(Exception):
+    """Stop training (``after_fit`` still runs)."""
+
+
+class Callback:
+    """Base class: every event is a no-op method ``event(self, learn)``; lower ``order`` runs first."""
+
+    order: int = 0
+
+    def before_fit(self, learn: Learner) -> None: ...
+    def before_epoch(self, learn: Learner) -> None: ...
+    def before_train(self, learn: Learner) -> None: ...
+    def before_batch(self, learn: Learner) -> None: ...
+    def after_loss(self, learn: Learner) -> None: ...
+    def before_step(self, learn: Learner) -> None: ...
+    def after_step(self, learn: Learner) -> None: ...
+    def after_batch(self, learn: Learner) -> None: ...
+    def after_train(self, learn: Learner) -> None: ...
+    def before_validate(self, learn: Learner) -> None: ...
+    def after_validate(self, learn: Learner) -> None: ...
+    def after_epoch(self, learn: Learner) -> None: ...
+    def after_fit(self, learn: Learner) -> None: ...
+
+
+def momentum_key(group: dict) -> str | None:
+    """``"momentum"`` for SGD-like groups, ``"betas"`` for Adam-like ones, else None."""
+    if "momentum" in group:
+        return "momentum"
+    if "betas" in group:
+        return "betas"
+    return None
+
+
+def get_momentum(group: dict) -> float | None:
+    """The group's momentum: SGD ``momentum`` or ``betas[0]``; None when it has neither."""
+    key = momentum_key(group)
+    return None if key is None else group[key] if key == "momentum" else group[key][0]
+
+
+def set_momentum(group: dict, value: float) -> None:
+    """Write ``value`` as the group's momentum (``betas[0]``, keeping the other betas)."""
+    key = momentum_key(group)
+    if key == "momentum":
+        group["momentum"] = value
+    elif key == "betas":
+        group["betas"] = (value, *group["betas"][1:])
+
+
+class ParamScheduler(Callback):
+    """Set hyper-parameters from schedules before every optimizer step.
+
+    ``scheds`` maps ``"lr"`` or ``"mom"`` to one schedule for all groups or one per group. For
+    step ``i`` of ``n`` in the fit, ``pos = i / (n - 1)``.
+    """
+
+    order = 10
+
+    def __init__(self, scheds: dict[str, Schedule | Sequence[Schedule]]) -> None:
+        for name in scheds:
+            if name not in ("lr", "mom"):
+                raise ValueError(f"scheds keys must be 'lr' or 'mom', got {name!r}")
+        self.scheds = dict(scheds)
+
+    def before_fit(self, learn: Learner) -> None:
+        groups = learn.opt.param_groups
+        self._lr, self._mom = [], []
+        for name, sched in self.scheds.items():
+            fns = list(sched) if isinstance(sched, Sequence) else [sched] * len(groups)
+            if len(fns) != len(groups):
+                raise ValueError(f"{name} schedules: expected {len(groups)} (one per parameter "
+                                 f"group), got {len(fns)}")
+            if name == "mom" and any(momentum_key(g) is None for g in groups):
+                warnings.warn(f"{type(learn.opt).__name__} has neither 'momentum' nor 'betas': "
+                              "momentum is not scheduled", stacklevel=2)
+                continue
+            (self._lr if name == "lr" else self._mom).extend(zip(groups, fns))
+        self._denom = max(learn.total_steps - 1, 1)
+
+    def before_step(self, learn: Learner) -> None:
+        pos = learn.train_iter / self._denom
+        for group, f in self._lr:
+            group["lr"] = f(pos)
+        for group, f in self._mom:
+            set_momentum(group, f(pos))
+
+
+class TorchScheduler(Callback):
+    """Drive a ``torch.optim.lr_scheduler`` class from the learner.
+
+    Built on ``learn.opt`` at the start of fit. ``interval="epoch"`` (default) steps at each
+    epoch end, ``ReduceLROnPlateau`` with the ``monitor`` value (default ``"valid_loss"``);
+    ``interval="batch"`` steps after every optimizer step, and ``CosineAnnealingWarmRestarts``
+    then gets the fractional epoch ``(step + 1) / steps_per_epoch``.
+    """
+
+    order = 10
+
+    def __init__(self, sched_cls: Callable[..., Any], *args: Any, interval: str = "epoch",
+                 monitor: str = "valid_loss", **kwargs: Any) -> None:
+        if not callable(sched_cls):
+            raise TypeError(f"sched_cls must be a scheduler class, got {sched_cls!r}")
+        if interval not in ("epoch", "batch"):
+            raise ValueError(f"interval must be 'epoch' or 'batch', got {interval!r}")
+        self.sched_cls, self.args, self.kwargs = sched_cls, args, kwargs
+        self.interval, self.monitor = interval, monitor
+        self.plateau = isinstance(sched_cls, type) and issubclass(
+            sched_cls, torch.optim.lr_scheduler.ReduceLROnPlateau)
+        self.restarts = isinstance(sched_cls, type) and issubclass(
+            sched_cls, torch.optim.lr_scheduler.CosineAnnealingWarmRestarts)
+
+    def before_fit(self, learn: Learner) -> None:
+        if self.plateau:
+            learn.check_monitor(self.monitor)
+        for group in learn.opt.param_groups:
+            group.pop("initial_lr", None)  # else a scheduler from an earlier fit sets the base LR
+        self.sched = self.sched_cls(learn.opt, *self.args, **self.kwargs)
+
+    def after_step(self, learn: Learner) -> None:
+        if self.interval != "batch":
+            return
+        if self.restarts:
+            self.sched.step((learn.train_iter + 1) / learn.steps_per_epoch)
+        elif self.plateau:
+            raise ValueError("ReduceLROnPlateau needs interval='epoch'")
+        else:
+            self.sched.step()
+
+    def after_epoch(self, learn: Learner) -> None:
+        if self.interval != "epoch":
+            return
+        if self.plateau:
+            self.sched.step(learn.recorder.values[-1][self.monitor])
+        else:
+            self.sched.step()

@@ -1,0 +1,271 @@
+"""The LR range test: an exponential (or linear) sweep of the LR, one optimizer step per LR.
+
+The sweep runs in the learner's own loop (so mixed precision, gradient accumulation, clipping
+and multi-process training behave as in a fit), with no other callback attached, and leaves
+the model, optimizer, RNGs and loader exactly as they were: see :func:`preserved`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .callback import Callback, CancelFitException
+from .learner import Learner
+from .plots import in_notebook, new_axes
+from .suggest import SUGGESTIONS, suggestion_input
+from .utils import check_int, check_number, check_positive, get_rng_state, set_rng_state
+
+Suggestion = Callable[[np.ndarray, np.ndarray], "float | None"]
+STOP_REASONS = ("diverged", "non-finite loss", "num_it reached")
+
+
+def _cpu_copy(obj: Any) -> Any:
+    """Deep copy of a (nested) state dict with every tensor cloned to the CPU."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _cpu_copy(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_cpu_copy(v) for v in obj)
+    return obj
+
+
+@contextlib.contextmanager
+def preserved(learn: Learner) -> Iterator[None]:
+    """Snapshot everything a range test touches, on the CPU, and restore it bitwise on exit.
+
+    Covers parameters, buffers and gradients, ``requires_grad`` flags, every module's train
+    mode, the optimizer's state and hyper-parameters, the grad scaler, the torch (CPU and CUDA),
+    numpy and Python RNGs, and the train loader's generators. Restores in ``finally``, so an
+    exception or Ctrl-C restores the state, then propagates. Writes no file.
+    """
+    model, opt = learn.model, learn.opt
+    tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}.values()
+    saved = [(t, t.detach().to("cpu", copy=True),
+              None if t.grad is None else t.grad.detach().to("cpu", copy=True),
+              t.requires_grad) for t in tensors]
+    modes = [(m, m.training) for m in model.modules()]
+    opt_state = _cpu_copy(opt.state_dict())
+    scaler = None if learn.scaler is None else _cpu_copy(learn.scaler.state_dict())
+    rng = get_rng_state(learn.train_dl)
+    attrs = {k: getattr(learn, k) for k in ("epoch", "n_epoch", "train_iter", "iter",
+                                            "total_steps", "steps_per_epoch", "valid_result")}
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for t, value, grad, requires_grad in saved:
+                t.copy_(value)
+                t.grad = None if grad is None else grad.to(t.device)
+                t.requires_grad_(requires_grad)
+        for m, mode in modes:
+            m.training = mode
+        opt.load_state_dict(_cpu_copy(opt_state))
+        if scaler is not None:
+            learn.scaler.load_state_dict(scaler)
+        set_rng_state(rng, learn.train_dl)
+        for k, v in attrs.items():
+            setattr(learn, k, v)
+
+
+class LRFindResult:
+    """The outcome of a range test.
+
+    Unpacks into the requested suggestions in order (``lr_min, lr_steep = res``); each is also
+    an attribute (``res.minimum``) and an entry of ``res.suggestions``. ``lrs`` are the LRs that
+    produced each loss, ``losses`` the smoothed losses, ``raw_losses`` the batch losses.
+    """
+
+    def __init__(self, lrs: list[float], raw_losses: list[float], losses: list[float],
+                 stop_reason: str, suggestions: dict[str, float | None], num_it: int) -> None:
+        self.lrs, self.raw_losses, self.losses = lrs, raw_losses, losses
+        self.stop_reason, self.suggestions, self.num_it = stop_reason, suggestions, num_it
+
+    def __getattr__(self, name: str) -> Any:
+        suggestions = self.__dict__.get("suggestions", {})
+        if name in suggestions:
+            return suggestions[name]
+        raise AttributeError(f"no suggestion {name!r}; requested: {list(suggestions)}")
+
+    def __iter__(self) -> Iterator[float | None]:
+        return iter(self.suggestions.values())
+
+    def __len__(self) -> int:
+        return len(self.suggestions)
+
+    def __getitem__(self, key: int | str) -> float | None:
+        return self.suggestions[key] if isinstance(key, str) else list(self)[key]
+
+    def __repr__(self) -> str:
+        found = ", ".join(f"{k}={'None' if v is None else f'{v:.3g}'}"
+                          for k, v in self.suggestions.items())
+        return f"LRFindResult({found}, points={len(self.lrs)}, stop_reason={self.stop_reason!r})"
+
+    def plot(self, ax: Any = None, skip_end: int = 5) -> Any:
+        """Smoothed loss against LR on a log-x axis, one labelled marker per suggestion.
+
+        The last ``skip_end`` points (default 5) are left out. Returns the matplotlib Axes.
+        """
+        ax = new_axes(ax)
+        n = len(self.lrs) - skip_end if len(self.lrs) > skip_end else len(self.lrs)
+        lrs, losses = np.asarray(self.lrs[:n]), np.asarray(self.losses[:n])
+        ax.plot(lrs, losses)
+        good = np.isfinite(losses)
+        for (name, lr), marker in zip(self.suggestions.items(), "ovs^Dp*h"):
+            if lr is None or not good.any():
+                continue
+            y = np.interp(np.log(lr), np.log(lrs[good]), losses[good])
+            ax.plot([lr], [y], marker, markersize=8, label=f"{name}: {lr:.2e}")
+        ax.set_xscale("log")
+        ax.set_xlabel("learning rate")
+        ax.set_ylabel("loss (smoothed)")
+        if self.suggestions:
+            ax.legend()
+        return ax
+
+
+class RangeTest(Callback):
+    """Sets the LR of optimizer step k from the grid; records, smooths and stops the sweep."""
+
+    def __init__(self, grid: list[float], stop_div: bool, div_th: float, beta: float) -> None:
+        self.grid, self.stop_div, self.div_th, self.beta = grid, stop_div, div_th, beta
+        self.lrs: list[float] = []
+        self.raw: list[float] = []
+        self.smooth: list[float] = []
+        self.stop_reason = "num_it reached"
+
+    def before_fit(self, learn: Learner) -> None:
+        groups = learn.opt.param_groups
+        last = groups[-1]["lr"]
+        # Groups keep their ratios to the last group, which follows the grid.
+        self.ratios = [g["lr"] / last if last > 0 else 1.0 for g in groups]
+        self.avg, self.best = 0.0, math.inf
+        self.bar = None
+        if learn.progress and learn.is_main:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=len(self.grid), desc="lr_find", leave=False)
+
+    def before_step(self, learn: Learner) -> None:
+        lr = self.grid[learn.train_iter]
+        for g, r in zip(learn.opt.param_groups, self.ratios):
+            g["lr"] = lr * r
+
+    def after_step(self, learn: Learner) -> None:
+        loss = learn.reduce_loss(learn.step_loss).item()  # the one host sync per step
+        k = learn.train_iter
+        self.lrs.append(self.grid[k])
+        self.raw.append(loss)
+        if self.bar is not None:
+            self.bar.update(1)
+        if not math.isfinite(loss):
+            self.smooth.append(float("nan"))
+            self.stop_reason = "non-finite loss"
+            raise CancelFitException
+        self.avg = self.beta * self.avg + (1 - self.beta) * loss
+        smooth = self.avg / (1 - self.beta ** (k + 1))
+        self.smooth.append(smooth)
+        self.best = min(self.best, smooth)
+        # smooth > div_th * best for positive losses; also meaningful for negative ones
+        if self.stop_div and smooth - self.best > (self.div_th - 1) * abs(self.best):
+            self.stop_reason = "diverged"
+            raise CancelFitException
+        if k + 1 == len(self.grid):
+            raise CancelFitException
+
+    def after_fit(self, learn: Learner) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _check_args(start_lr: float, end_lr: float, num_it: int, div_th: float, beta: float,
+                mode: str, suggest_funcs: Any) -> dict[str, Suggestion]:
+    check_positive("start_lr", start_lr)
+    if check_number("end_lr", end_lr) <= start_lr:
+        raise ValueError(f"end_lr must be > start_lr ({start_lr!r}), got {end_lr!r}")
+    check_int("num_it", num_it, low=2)
+    if check_number("div_th", div_th) <= 1:
+        raise ValueError(f"div_th must be > 1, got {div_th!r}")
+    if not 0 <= check_number("beta", beta) < 1:
+        raise ValueError(f"beta must be in [0, 1), got {beta!r}")
+    if mode not in ("exp", "linear"):
+        raise ValueError(f"mode must be 'exp' or 'linear', got {mode!r}")
+    if isinstance(suggest_funcs, str) or callable(suggest_funcs):
+        suggest_funcs = [suggest_funcs]
+    funcs = {}
+    for f in suggest_funcs:
+        if isinstance(f, str):
+            if f not in SUGGESTIONS:
+                raise ValueError(f"unknown suggestion {f!r}; known: {sorted(SUGGESTIONS)}")
+            funcs[f] = SUGGESTIONS[f]
+        elif callable(f):
+            funcs[getattr(f, "__name__", type(f).__name__)] = f
+        else:
+            raise TypeError(f"suggest_funcs must hold names or functions, got {f!r}")
+    return funcs
+
+
+def learner_lr_find(learn: Learner, start_lr: float = 1e-7, end_lr: float = 10.0,
+                    num_it: int = 100, stop_div: bool = True, div_th: float = 4.0,
+                    beta: float = 0.98, mode: str = "exp",
+                    suggest_funcs: Sequence[str | Suggestion] = ("minimum", "steep"),
+                    show_plot: bool = True) -> LRFindResult:
+    """Run the LR range test on ``learn``; see :func:`lr_find`."""
+    funcs = _check_args(start_lr, end_lr, num_it, div_th, beta, mode, suggest_funcs)
+    if mode == "exp":
+        grid = [start_lr * (end_lr / start_lr) ** (k / (num_it - 1)) for k in range(num_it)]
+    else:
+        grid = [start_lr + (end_lr - start_lr) * k / (num_it - 1) for k in range(num_it)]
+    grid[-1] = end_lr
+    test = RangeTest(grid, stop_div, div_th, beta)
+    valid_dl, learn.valid_dl = learn.valid_dl, None  # no validation during the sweep
+    try:
+        with preserved(learn):
+            # Every epoch makes at least one step, so num_it epochs always suffice.
+            learn._fit(num_it, [test], only=True)
+    finally:
+        learn.valid_dl = valid_dl
+    lrs, losses = suggestion_input(np.array(test.lrs), np.array(test.smooth), num_it)
+    suggestions = {}
+    for name, f in funcs.items():
+        value = f(lrs, losses)
+        suggestions[name] = None if value is None or not math.isfinite(value) else float(value)
+    res = LRFindResult(test.lrs, test.raw, test.smooth, test.stop_reason, suggestions, num_it)
+    learn.recorder.lr_find_result = res
+    if show_plot and in_notebook() and learn.is_main:
+        res.plot()
+    return res
+
+
+def lr_find(model: nn.Module, optimizer: torch.optim.Optimizer, train_dl: Any, *,
+            loss_func: Callable[..., torch.Tensor] | None = None,
+            compute_loss: Callable[[nn.Module, Any], torch.Tensor] | None = None,
+            start_lr: float = 1e-7, end_lr: float = 10.0, num_it: int = 100,
+            stop_div: bool = True, div_th: float = 4.0, beta: float = 0.98, mode: str = "exp",
+            suggest_funcs: Sequence[str | Suggestion] = ("minimum", "steep"),
+            show_plot: bool = True, progress: bool = False) -> LRFindResult:
+    """LR range test on a plain model and optimizer; everything is restored afterwards.
+
+    Optimizer step k of ``num_it`` uses ``start_lr * (end_lr/start_lr) ** (k/(num_it-1))``
+    (``mode="exp"``) or ``start_lr + (end_lr-start_lr) * k/(num_it-1)`` (``"linear"``), times
+    each group's ratio to the last group. The loss is smoothed by a debiased EMA (``beta``);
+    the sweep stops when the smoothed loss exceeds ``div_th`` times its best (``stop_div``), at
+    a non-finite loss, or after ``num_it`` steps. The loader cycles when shorter than
+    ``num_it``. Defaults: 1e-7 to 10 over 100 steps, div_th 4, beta 0.98, suggestions
+    ``minimum`` and ``steep``. ``show_plot`` draws the curve in notebooks only.
+    """
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {optimizer!r}")
+    _check_args(start_lr, end_lr, num_it, div_th, beta, mode, suggest_funcs)
+    learn = Learner(model, train_dl, loss_func=loss_func, compute_loss=compute_loss,
+                    opt_func=lambda groups, lr: optimizer, lr=None, progress=progress)
+    return learner_lr_find(learn, start_lr=start_lr, end_lr=end_lr, num_it=num_it,
+                           stop_div=stop_div, div_th=div_th, beta=beta, mode=mode,
+                           suggest_funcs=suggest_funcs, show_plot=show_plot)

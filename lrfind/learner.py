@@ -1,0 +1,506 @@
+"""The Learner: a model, its data, an optimizer, and a training loop with events."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+import os
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import schedules
+from .callback import (
+    EVENTS,
+    Callback,
+    CancelBatchException,
+    CancelEpochException,
+    CancelFitException,
+    CancelStepException,
+    ParamScheduler,
+)
+from .metrics import metric_name
+from .progress import ProgressCallback
+from .recorder import Recorder
+from .utils import atomic_save, batch_size, check_int, check_number, check_positive, to_device
+
+LR = float | slice | Sequence[float]
+PRECISIONS = {"32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_lrs(lr: LR, n_groups: int, name: str = "lr") -> list[float]:
+    """One LR per parameter group from a float, ``slice(lo, hi)``, ``slice(hi)`` or a sequence.
+
+    ``slice(lo, hi)`` is geometric from lo to hi across groups (a single group gets hi);
+    ``slice(hi)`` gives ``hi/10`` to all groups but the last, which gets hi.
+    """
+    if isinstance(lr, slice):
+        if lr.step is not None:
+            raise ValueError(f"{name} slice takes no step, got {lr!r}")
+        hi = check_positive(name, lr.stop)
+        if lr.start is None:
+            return [hi / 10] * (n_groups - 1) + [hi]
+        lo = check_positive(name, lr.start)
+        if n_groups == 1:
+            return [hi]
+        return [lo * (hi / lo) ** (i / (n_groups - 1)) for i in range(n_groups)]
+    if isinstance(lr, (list, tuple)):
+        if len(lr) != n_groups:
+            raise ValueError(f"{name} needs one value per parameter group ({n_groups}), "
+                             f"got {len(lr)}: {lr!r}")
+        return [check_positive(name, v) for v in lr]
+    return [check_positive(name, lr)] * n_groups
+
+
+def _check_cbs(cbs: Any, name: str = "cbs") -> list[Callback]:
+    cbs = [] if cbs is None else [cbs] if isinstance(cbs, Callback) else list(cbs)
+    for cb in cbs:
+        if not isinstance(cb, Callback):
+            raise TypeError(f"{name} must hold Callback instances, got {cb!r}")
+    return cbs
+
+
+class Learner:
+    """Train ``model`` on ``train_dl`` with events, schedules and a recorder.
+
+    Batches are ``(x, y)`` or ``(x1, ..., xn, y)`` (``model(x1, ..., xn)``, then
+    ``loss_func(pred, y)``); anything else goes through ``compute_loss(model, batch) -> loss``.
+    The optimizer is ``opt_func(param_groups, lr=lr)`` over the groups of ``splitter(model)``
+    (default: one group). Defaults: AdamW, lr=1e-3, moms=(0.95, 0.85, 0.95), precision "32",
+    accum_steps=1, no clipping.
+    """
+
+    def __init__(self, model: nn.Module, train_dl: Any, valid_dl: Any = None, *,
+                 loss_func: Callable[..., torch.Tensor] | None = None,
+                 compute_loss: Callable[[nn.Module, Any], torch.Tensor] | None = None,
+                 opt_func: Callable[..., torch.optim.Optimizer] = torch.optim.AdamW,
+                 lr: LR | None = 1e-3, wd: float | None = None,
+                 moms: Sequence[float] = (0.95, 0.85, 0.95),
+                 metrics: Sequence[Callable[..., Any]] = (), cbs: Sequence[Callback] = (),
+                 splitter: Callable[[nn.Module], list] | None = None,
+                 device: str | torch.device | None = None, progress: bool = True,
+                 precision: str = "32", accum_steps: int = 1,
+                 clip_grad: float | None = None) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        for name, dl in (("train_dl", train_dl), ("valid_dl", valid_dl)):
+            if dl is None and name == "valid_dl":
+                continue
+            if not hasattr(dl, "__iter__") or not hasattr(dl, "__len__"):
+                raise TypeError(f"{name} must be a sized iterable such as a DataLoader, got "
+                                f"{type(dl).__name__}")
+            if len(dl) == 0:
+                raise ValueError(f"{name} is empty (len 0): it must yield at least one batch")
+        if compute_loss is None and loss_func is None:
+            raise ValueError("loss_func and compute_loss are both None: pass one of them")
+        for name, f in (("loss_func", loss_func), ("compute_loss", compute_loss),
+                        ("opt_func", opt_func)):
+            if f is not None and not callable(f):
+                raise TypeError(f"{name} must be callable, got {f!r}")
+        metrics = list(metrics)
+        for m in metrics:
+            if not callable(m):
+                raise TypeError(f"metrics must be callables f(preds, targets), got {m!r}")
+        if metrics and compute_loss is not None:
+            raise ValueError("metrics need (x, y) batches and cannot be used with compute_loss")
+        schedules.one_cycle_moms(moms)  # validates moms
+        self.moms = tuple(moms)
+        if wd is not None and check_number("wd", wd) < 0:
+            raise ValueError(f"wd must be >= 0, got {wd!r}")
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+        self.accum_steps = check_int("accum_steps", accum_steps)
+        if clip_grad is not None:
+            check_positive("clip_grad", clip_grad)
+        cbs = _check_cbs(cbs)
+        groups = [list(model.parameters())] if splitter is None else [list(g) for g in
+                                                                       splitter(model)]
+        if not groups or any(len(g) == 0 for g in groups):
+            raise ValueError("splitter must return a non-empty list of non-empty parameter lists")
+        lrs = None if lr is None else resolve_lrs(lr, len(groups))
+
+        if device is not None:
+            self.device = torch.device(device)
+            model = model.to(self.device)
+        else:
+            first = next(iter(model.parameters()), None)
+            self.device = first.device if first is not None else torch.device("cpu")
+        self.precision, self.clip_grad = precision, clip_grad
+        dtype = PRECISIONS[precision]
+        self._autocast = contextlib.nullcontext if dtype is None else functools.partial(
+            torch.autocast, device_type=self.device.type, dtype=dtype)
+        self.scaler = torch.amp.GradScaler(self.device.type) if precision == "fp16" else None
+
+        self.model, self.train_dl, self.valid_dl = model, train_dl, valid_dl
+        self.loss_func, self.compute_loss, self.metrics = loss_func, compute_loss, metrics
+        self.metric_names = [metric_name(m) for m in metrics]
+        self.splitter, self.progress = splitter, progress
+        self._groups = groups
+        self.opt = opt_func([{"params": g} for g in groups], lr=lrs[-1] if lrs else None)
+        if lrs is not None:
+            self._set_lrs(lrs)
+        self.lr = lr if lr is not None else [g["lr"] for g in self.opt.param_groups]
+        if wd is not None:
+            for g in self.opt.param_groups:
+                g["weight_decay"] = wd
+        self.recorder = Recorder()
+        self.cbs: list[Callback] = []
+        self._extra: list[Callback] = []
+        for cb in [self.recorder, *([ProgressCallback()] if progress else []), *cbs]:
+            self.add_cb(cb)
+        self.epoch, self.n_epoch, self.train_iter, self.iter = 0, 0, 0, 0
+        self.total_steps, self.steps_per_epoch = 0, 0
+        self.resuming, self.fit_error, self.valid_result, self._skip = False, None, None, 0
+        self.is_main = int(os.environ.get("RANK", "0")) == 0
+
+    # ---- callbacks -------------------------------------------------------------------------
+    def add_cb(self, cb: Callback) -> None:
+        """Add a callback for all later fits."""
+        self.cbs.append(_check_cbs([cb])[0])
+        self._sort_handlers()
+
+    def remove_cb(self, cb: Callback) -> None:
+        """Remove a callback added earlier."""
+        self.cbs.remove(cb)
+        self._sort_handlers()
+
+    def _sort_handlers(self, only: list[Callback] | None = None) -> None:
+        cbs = sorted(self.cbs + self._extra if only is None else only, key=lambda c: c.order)
+        # Only overridden events are called: the loop's cost per event is one list iteration.
+        self._handlers = {e: [getattr(c, e) for c in cbs
+                              if getattr(type(c), e) is not getattr(Callback, e)] for e in EVENTS}
+
+    def _event(self, name: str) -> None:
+        for handler in self._handlers[name]:
+            handler(self)
+
+    @contextlib.contextmanager
+    def _with_cbs(self, cbs: list[Callback], only: bool = False) -> Iterator[None]:
+        self._extra = cbs
+        self._sort_handlers(cbs if only else None)
+        try:
+            yield
+        finally:
+            self._extra = []
+            self._sort_handlers()
+
+    def reduce_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        """The loss averaged over processes (itself when training in one process)."""
+        return loss
+
+    def print(self, *args: Any) -> None:
+        """Print a line on the main process only (through tqdm, so bars stay intact)."""
+        if self.is_main:
+            from tqdm.auto import tqdm
+
+            tqdm.write(" ".join(str(a) for a in args))
+
+    # ---- the loop --------------------------------------------------------------------------
+    def _loss(self, batch: Any) -> torch.Tensor:
+        if self.compute_loss is not None:
+            return self.compute_loss(self.model, batch)
+        if not isinstance(batch, (list, tuple)) or len(batch) < 2:
+            raise TypeError(f"a batch must be (x, y) or (x1, ..., xn, y), got "
+                            f"{type(batch).__name__}; pass compute_loss for other batches")
+        self.pred = self.model(*batch[:-1])
+        return self.loss_func(self.pred, batch[-1])
+
+    def _train_epoch(self) -> None:
+        self.model.train()
+        self._event("before_train")
+        n, accum = len(self.train_dl), self.accum_steps
+        for self.iter, batch in enumerate(self.train_dl):
+            if self.iter < self._skip:
+                continue
+            try:
+                self.batch = to_device(batch, self.device)
+                self._event("before_batch")
+                with self._autocast():
+                    self.loss = self._loss(self.batch)
+                if self.loss.ndim != 0:
+                    raise ValueError(f"the loss must be a scalar, got shape "
+                                     f"{tuple(self.loss.shape)}")
+                first = self.iter % accum == 0
+                size = min(accum, n - self.iter + self.iter % accum)  # last chunk may be short
+                self.loss_grad = self.loss / size if size > 1 else self.loss
+                self._event("after_loss")
+                (self.loss_grad if self.scaler is None else
+                 self.scaler.scale(self.loss_grad)).backward()
+                loss = self.loss.detach()
+                self.step_loss = loss if first else self.step_loss + loss
+                if (self.iter + 1) % accum == 0 or self.iter + 1 == n:
+                    if size > 1:
+                        self.step_loss = self.step_loss / size
+                    self._step()
+                self._event("after_batch")
+            except CancelBatchException:
+                pass
+        self._skip = 0
+        self._event("after_train")
+
+    def _step(self) -> None:
+        try:
+            self._event("before_step")
+            if self.scaler is not None:
+                self.scaler.unscale_(self.opt)
+            if self.clip_grad is not None:
+                nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_grad)
+            if self.scaler is None:
+                self.opt.step()
+            else:
+                scale = self.scaler.get_scale()  # a host sync, needed to see a skipped step
+                self.scaler.step(self.opt)
+                self.scaler.update()
+                if self.scaler.get_scale() < scale:
+                    raise CancelStepException  # overflow: the step was skipped
+            self._event("after_step")
+            self.train_iter += 1
+        except CancelStepException:
+            pass
+        self.opt.zero_grad(set_to_none=True)
+
+    def _fit(self, n_epoch: int, cbs: list[Callback], only: bool = False) -> None:
+        self.n_epoch = n_epoch
+        self.steps_per_epoch = math.ceil(len(self.train_dl) / self.accum_steps)
+        self.total_steps = n_epoch * self.steps_per_epoch
+        if not self.resuming:
+            self.epoch, self.train_iter, self._skip = 0, 0, 0
+        self.fit_error = None
+        with self._with_cbs(cbs, only):
+            try:
+                self._event("before_fit")
+                for self.epoch in range(self.epoch, n_epoch):
+                    try:
+                        self._event("before_epoch")
+                        self._train_epoch()
+                        if self.valid_dl is not None and not only:
+                            self._event("before_validate")
+                            self.valid_result = self.validate()
+                            self._event("after_validate")
+                    except CancelEpochException:
+                        pass
+                    self._event("after_epoch")
+            except CancelFitException:
+                pass
+            except BaseException as e:
+                self.fit_error = e
+                raise
+            finally:
+                self.resuming = False
+                self._event("after_fit")
+
+    # ---- public training API ---------------------------------------------------------------
+    def fit(self, n_epoch: int, lr: LR | None = None, wd: float | None = None,
+            cbs: Sequence[Callback] | None = None) -> None:
+        """Train for ``n_epoch`` epochs; ``lr``/``wd``, when given, are set once at the start."""
+        self._run(n_epoch, lr, wd, cbs, None)
+
+    def _run(self, n_epoch: int, lr: LR | None, wd: float | None, cbs: Any,
+             scheds: Callable[[list[float]], dict] | None) -> None:
+        check_int("n_epoch", n_epoch)
+        lrs = self._lrs(lr)
+        if wd is not None and check_number("wd", wd) < 0:
+            raise ValueError(f"wd must be >= 0, got {wd!r}")
+        cbs = _check_cbs(cbs)
+        extra = [] if scheds is None else [ParamScheduler(scheds(lrs))]
+        self._set_lrs(lrs)
+        if wd is not None:
+            for g in self.opt.param_groups:
+                g["weight_decay"] = wd
+        self._fit(n_epoch, extra + cbs)
+
+    def _lrs(self, lr: LR | None, name: str = "lr") -> list[float]:
+        return resolve_lrs(self.lr if lr is None else lr, len(self.opt.param_groups), name)
+
+    def _set_lrs(self, lrs: list[float]) -> None:
+        for g, v in zip(self.opt.param_groups, lrs):
+            g["lr"] = v
+
+    def _auto(self, lr: Any, name: str) -> Any:
+        if isinstance(lr, str):
+            if lr != "auto":
+                raise ValueError(f"{name} must be a float, slice, sequence or 'auto', got {lr!r}")
+            lr = self.lr_find(suggest_funcs=("auto",), show_plot=False).auto
+            if lr is None:
+                raise ValueError("the range test gave no 'auto' suggestion (see its warning)")
+        return lr
+
+    def fit_one_cycle(self, n_epoch: int, lr_max: LR | str | None = None, div: float = 25.0,
+                      div_final: float = 1e5, pct_start: float = 0.25,
+                      moms: Sequence[float] | None = None, wd: float | None = None,
+                      cbs: Sequence[Callback] | None = None) -> None:
+        """One-cycle training (``schedules.one_cycle`` for the LR, ``one_cycle_moms`` for momentum).
+
+        ``lr_max`` defaults to the learner's ``lr``; ``"auto"`` runs ``lr_find`` first and uses
+        its ``auto`` suggestion. Defaults: div=25, div_final=1e5, pct_start=0.25, moms from the
+        learner (0.95, 0.85, 0.95).
+        """
+        moms = self.moms if moms is None else moms
+        mom = schedules.one_cycle_moms(moms, pct_start)
+        schedules.one_cycle(1.0, div, div_final, pct_start)
+        if not isinstance(lr_max, str):
+            self._lrs(lr_max, "lr_max")
+        check_int("n_epoch", n_epoch)
+        lr_max = self._auto(lr_max, "lr_max")
+        self._run(n_epoch, lr_max, wd, cbs, lambda lrs: {
+            "lr": [schedules.one_cycle(v, div, div_final, pct_start) for v in lrs], "mom": mom})
+
+    def fit_flat_cos(self, n_epoch: int, lr: LR | str | None = None, div_final: float = 1e5,
+                     pct_start: float = 0.75, wd: float | None = None,
+                     cbs: Sequence[Callback] | None = None) -> None:
+        """Flat LR for ``pct_start`` of training, then cosine to ``lr/div_final`` (defaults 0.75,
+        1e5)."""
+        schedules.flat_cos(1.0, div_final, pct_start)
+        check_int("n_epoch", n_epoch)
+        lr = self._auto(lr, "lr")
+        self._run(n_epoch, lr, wd, cbs, lambda lrs: {
+            "lr": [schedules.flat_cos(v, div_final, pct_start) for v in lrs]})
+
+    def fit_sgdr(self, n_cycles: int, cycle_len: int, lr_max: LR | str | None = None,
+                 cycle_mult: int = 2, wd: float | None = None,
+                 cbs: Sequence[Callback] | None = None) -> None:
+        """Cosine annealing with warm restarts: cycle i lasts ``cycle_len * cycle_mult**i`` epochs.
+
+        Each cycle anneals ``lr_max -> 0`` by cosine. Default cycle_mult=2 (1 allowed).
+        """
+        check_int("n_cycles", n_cycles)
+        check_int("cycle_len", cycle_len)
+        check_int("cycle_mult", cycle_mult)
+        lr_max = self._auto(lr_max, "lr_max")
+        n_epoch = cycle_len * sum(cycle_mult**i for i in range(n_cycles))
+        self._run(n_epoch, lr_max, wd, cbs, lambda lrs: {
+            "lr": [schedules.sgdr(v, n_cycles, cycle_mult) for v in lrs]})
+
+    def fit_warmup_cosine(self, n_epoch: int, lr_max: LR | str | None = None,
+                          warmup_pct: float = 0.1, div: float = 25.0, div_final: float = 1e5,
+                          wd: float | None = None, cbs: Sequence[Callback] | None = None) -> None:
+        """Linear warmup ``lr_max/div -> lr_max`` over ``warmup_pct``, then cosine to
+        ``lr_max/div_final`` (defaults 0.1, 25, 1e5)."""
+        schedules.warmup_cosine(1.0, warmup_pct, div, div_final)
+        check_int("n_epoch", n_epoch)
+        lr_max = self._auto(lr_max, "lr_max")
+        self._run(n_epoch, lr_max, wd, cbs, lambda lrs: {
+            "lr": [schedules.warmup_cosine(v, warmup_pct, div, div_final) for v in lrs]})
+
+    def fine_tune(self, epochs: int, base_lr: float = 2e-3, freeze_epochs: int = 1,
+                  lr_mult: float = 100, pct_start: float = 0.3, div: float = 5.0) -> None:
+        """Train the last group alone for ``freeze_epochs`` (one-cycle, pct_start 0.99), then all
+        groups for ``epochs`` with LRs ``slice(base_lr/2/lr_mult, base_lr/2)``."""
+        check_int("epochs", epochs)
+        check_int("freeze_epochs", freeze_epochs, low=0)
+        check_positive("base_lr", base_lr)
+        check_positive("lr_mult", lr_mult)
+        schedules.one_cycle(1.0, div, 1e5, pct_start)
+        if freeze_epochs:
+            self.freeze()
+            self.fit_one_cycle(freeze_epochs, slice(base_lr), pct_start=0.99)
+        base_lr /= 2
+        self.unfreeze()
+        self.fit_one_cycle(epochs, slice(base_lr / lr_mult, base_lr), pct_start=pct_start, div=div)
+
+    def lr_find(self, **kwargs: Any) -> Any:
+        """LR range test on this learner; see :func:`lrfind.finder.lr_find` for the arguments."""
+        from .finder import learner_lr_find
+
+        return learner_lr_find(self, **kwargs)
+
+    # ---- evaluation ------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _eval_mode(self) -> Iterator[None]:
+        modes = [(m, m.training) for m in self.model.modules()]
+        self.model.eval()
+        try:
+            with torch.no_grad(), self._autocast():
+                yield
+        finally:
+            for m, mode in modes:
+                m.training = mode
+
+    def validate(self, dl: Any = None) -> dict[str, float]:
+        """``{"valid_loss": ..., <metric>: ...}`` on ``dl`` (default the validation loader),
+        each averaged over samples (batch means weighted by batch size)."""
+        dl = self.valid_dl if dl is None else dl
+        if dl is None:
+            raise ValueError("no dl given and the learner has no valid_dl")
+        n, sums = 0, [0.0] * (1 + len(self.metrics))
+        with self._eval_mode():
+            for batch in dl:
+                batch = to_device(batch, self.device)
+                loss = self._loss(batch)
+                bs = batch_size(batch)
+                values = [loss.detach().float()]
+                values += [m(self.pred, batch[-1]) for m in self.metrics]
+                sums = [s + v * bs for s, v in zip(sums, values)]  # stays on the device
+                n += bs
+        if n == 0:
+            raise ValueError("dl is empty: cannot validate on no batches")
+        return {name: float(s) / n for name, s in zip(["valid_loss", *self.metric_names], sums)}
+
+    def get_preds(self, dl: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Model outputs and targets over ``dl`` (default the validation loader), on the CPU."""
+        dl = self.valid_dl if dl is None else dl
+        if dl is None:
+            raise ValueError("no dl given and the learner has no valid_dl")
+        preds, targets = [], []
+        with self._eval_mode():
+            for batch in dl:
+                batch = to_device(batch, self.device)
+                if not isinstance(batch, (list, tuple)) or len(batch) < 2:
+                    raise TypeError("get_preds needs (x, y) or (x1, ..., xn, y) batches")
+                preds.append(self.model(*batch[:-1]).float().cpu())
+                targets.append(batch[-1].cpu())
+        return torch.cat(preds), torch.cat(targets)
+
+    # ---- parameters ------------------------------------------------------------------------
+    def freeze_to(self, n: int) -> None:
+        """Freeze the splitter's groups before index ``n`` and unfreeze the rest."""
+        if isinstance(n, bool) or not isinstance(n, int):
+            raise TypeError(f"n must be an int, got {n!r}")
+        frozen = set(range(len(self._groups))[:n])
+        for i, group in enumerate(self._groups):
+            for p in group:
+                p.requires_grad_(i not in frozen)
+
+    def freeze(self) -> None:
+        """Freeze every parameter group but the last."""
+        self.freeze_to(-1)
+
+    def unfreeze(self) -> None:
+        """Make every parameter group trainable."""
+        self.freeze_to(0)
+
+    def check_monitor(self, monitor: str) -> None:
+        """Raise ValueError unless ``monitor`` names a value the recorder writes each epoch."""
+        names = ["train_loss"] + (["valid_loss", *self.metric_names] if self.valid_dl else [])
+        if monitor not in names:
+            raise ValueError(f"monitor must be one of {names}, got {monitor!r}")
+
+    def save(self, path: str | os.PathLike, with_opt: bool = True) -> None:
+        """Save model (and optimizer) state to ``path`` atomically (temp file + rename)."""
+        atomic_save({"model": self.model.state_dict(),
+                     "opt": self.opt.state_dict() if with_opt else None}, path)
+
+    def load(self, path: str | os.PathLike, with_opt: bool = True) -> None:
+        """Load what :meth:`save` wrote; keys and shapes are checked before anything changes."""
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"path {os.fspath(path)!r} does not exist")
+        state = torch.load(path, map_location=self.device, weights_only=True)
+        if not isinstance(state, dict) or "model" not in state:
+            raise ValueError(f"{os.fspath(path)!r} is not a file written by Learner.save")
+        check_state_dict(self.model, state["model"])
+        self.model.load_state_dict(state["model"])
+        if with_opt and state.get("opt") is not None:
+            self.opt.load_state_dict(state["opt"])
+
+
+def check_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Raise ValueError if ``state`` does not have exactly ``model``'s keys and shapes."""
+    own = model.state_dict()
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    shapes = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
+    if missing or unexpected or shapes:
+        raise ValueError(f"checkpoint does not match the model: missing keys {missing[:5]}, "
+                         f"unexpected keys {unexpected[:5]}, shape mismatches {shapes[:5]}")

@@ -1,0 +1,120 @@
+"""Small helpers shared by the trainer and the finder: argument checks, devices, RNG, files."""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import tempfile
+from typing import Any
+
+import numpy as np
+import torch
+
+
+def check_number(name: str, value: object) -> float:
+    """Return ``value`` as a float, or raise ValueError naming ``name`` if it is not finite."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def check_positive(name: str, value: object) -> float:
+    """Return ``value`` as a float > 0, or raise ValueError naming ``name``."""
+    value = check_number(name, value)
+    if value <= 0:
+        raise ValueError(f"{name} must be > 0, got {value!r}")
+    return value
+
+
+def check_pct(name: str, value: object) -> float:
+    """Return ``value`` as a float in the open interval (0, 1), or raise ValueError."""
+    value = check_number(name, value)
+    if not 0.0 < value < 1.0:
+        raise ValueError(f"{name} must be in (0, 1), got {value!r}")
+    return value
+
+
+def check_int(name: str, value: object, low: int = 1) -> int:
+    """Return ``value`` if it is an int >= ``low``, else raise ValueError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    return value
+
+
+def to_device(obj: Any, device: torch.device) -> Any:
+    """Move tensors nested in tuples, lists and dicts to ``device``; leave anything else."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device, non_blocking=True)
+    if isinstance(obj, (list, tuple)):
+        moved = [to_device(o, device) for o in obj]
+        return type(obj)(*moved) if hasattr(obj, "_fields") else type(obj)(moved)
+    if isinstance(obj, dict):
+        return type(obj)((k, to_device(v, device)) for k, v in obj.items())
+    return obj
+
+
+def batch_size(batch: Any) -> int:
+    """Length of the first tensor found in ``batch`` (depth first), 1 if there is none."""
+    if isinstance(batch, torch.Tensor):
+        return batch.shape[0] if batch.ndim else 1
+    items = batch.values() if isinstance(batch, dict) else batch
+    if isinstance(items, (list, tuple)) or isinstance(batch, dict):
+        for o in items:
+            if isinstance(o, (torch.Tensor, list, tuple, dict)):
+                return batch_size(o)
+    return 1
+
+
+def loader_generators(dl: Any) -> list[torch.Generator]:
+    """The torch generators a loader draws its order from: its own and its samplers'."""
+    found = []
+    for owner in (dl, getattr(dl, "sampler", None), getattr(dl, "batch_sampler", None),
+                  getattr(getattr(dl, "batch_sampler", None), "sampler", None)):
+        gen = getattr(owner, "generator", None)
+        if isinstance(gen, torch.Generator) and all(gen is not g for g in found):
+            found.append(gen)
+    return found
+
+
+def get_rng_state(dl: Any = None) -> dict:
+    """Snapshot of the torch (CPU and CUDA), numpy and Python RNGs and ``dl``'s generators."""
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+             "python": random.getstate(),
+             "loader": [g.get_state() for g in loader_generators(dl)] if dl is not None else []}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict, dl: Any = None) -> None:
+    """Restore a snapshot taken by :func:`get_rng_state`."""
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if dl is not None:
+        for gen, s in zip(loader_generators(dl), state.get("loader", [])):
+            gen.set_state(s)
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` to a temporary file in the same folder, then rename it over ``path``.
+
+    A crash during the write leaves the previous file intact and no partial file behind.
+    """
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".pt")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
