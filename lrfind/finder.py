@@ -265,7 +265,7 @@ def lr_find(model: nn.Module, optimizer: torch.optim.Optimizer, train_dl: Any, *
         raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {optimizer!r}")
     _check_args(start_lr, end_lr, num_it, div_th, beta, mode, suggest_funcs)
     learn = Learner(model, train_dl, loss_func=loss_func, compute_loss=compute_loss,
-                    opt_func=lambda groups, lr: optimizer, lr=None, progress=progress)
+                    opt_func=lambda groups: optimizer, lr=None, progress=progress)
     return learner_lr_find(learn, start_lr=start_lr, end_lr=end_lr, num_it=num_it,
                            stop_div=stop_div, div_th=div_th, beta=beta, mode=mode,
                            suggest_funcs=suggest_funcs, show_plot=show_plot)

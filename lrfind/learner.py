@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import functools
 import math
@@ -25,7 +26,16 @@ from .callback import (
 from .metrics import metric_name
 from .progress import ProgressCallback
 from .recorder import Recorder
-from .utils import atomic_save, batch_size, check_int, check_number, check_positive, to_device
+from .utils import (
+    atomic_save,
+    batch_size,
+    check_int,
+    check_number,
+    check_positive,
+    get_rng_state,
+    set_rng_state,
+    to_device,
+)
 
 LR = float | slice | Sequence[float]
 PRECISIONS = {"32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -124,22 +134,41 @@ class Learner:
 
         if device is not None:
             self.device = torch.device(device)
-            model = model.to(self.device)
         else:
             first = next(iter(model.parameters()), None)
             self.device = first.device if first is not None else torch.device("cpu")
+        self.world_size, self.rank = _init_distributed(self.device)
+        if self.world_size > 1 and self.device.type == "cuda":
+            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        model = model.to(self.device)
         self.precision, self.clip_grad = precision, clip_grad
         dtype = PRECISIONS[precision]
+        if dtype is not None:
+            try:
+                with torch.autocast(self.device.type, dtype=dtype):
+                    pass
+            except (RuntimeError, ValueError) as e:
+                raise ValueError(f"precision={precision!r} is not supported on "
+                                 f"{self.device.type}: {e}") from None
         self._autocast = contextlib.nullcontext if dtype is None else functools.partial(
             torch.autocast, device_type=self.device.type, dtype=dtype)
         self.scaler = torch.amp.GradScaler(self.device.type) if precision == "fp16" else None
+        self.ddp = None
+        if self.world_size > 1:
+            from torch.nn.parallel import DistributedDataParallel
 
+            self.ddp = DistributedDataParallel(
+                model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+            train_dl = _distributed_loader(train_dl, self.world_size, self.rank)
+        self.train_model = model if self.ddp is None else self.ddp  # what training calls
+        self._nullcontext = contextlib.nullcontext
         self.model, self.train_dl, self.valid_dl = model, train_dl, valid_dl
         self.loss_func, self.compute_loss, self.metrics = loss_func, compute_loss, metrics
         self.metric_names = [metric_name(m) for m in metrics]
         self.splitter, self.progress = splitter, progress
         self._groups = groups
-        self.opt = opt_func([{"params": g} for g in groups], lr=lrs[-1] if lrs else None)
+        params = [{"params": g} for g in groups]
+        self.opt = opt_func(params) if lrs is None else opt_func(params, lr=lrs[-1])
         if lrs is not None:
             self._set_lrs(lrs)
         self.lr = lr if lr is not None else [g["lr"] for g in self.opt.param_groups]
@@ -153,8 +182,10 @@ class Learner:
             self.add_cb(cb)
         self.epoch, self.n_epoch, self.train_iter, self.iter = 0, 0, 0, 0
         self.total_steps, self.steps_per_epoch = 0, 0
-        self.resuming, self.fit_error, self.valid_result, self._skip = False, None, None, 0
-        self.is_main = int(os.environ.get("RANK", "0")) == 0
+        self.resuming, self.fit_error, self.valid_result = False, None, None
+        self.resume_skip, self.resume_rng, self.epoch_rng = 0, None, None
+        self.sched_args: dict[str, Any] = {}
+        self.is_main = self.rank == 0
 
     # ---- callbacks -------------------------------------------------------------------------
     def add_cb(self, cb: Callback) -> None:
@@ -189,7 +220,17 @@ class Learner:
 
     def reduce_loss(self, loss: torch.Tensor) -> torch.Tensor:
         """The loss averaged over processes (itself when training in one process)."""
-        return loss
+        if self.world_size == 1:
+            return loss
+        import torch.distributed as dist
+
+        loss = loss.detach().clone()
+        dist.all_reduce(loss)  # a sum: gloo has no average
+        return loss / self.world_size
+
+    def rng_state(self) -> dict:
+        """The RNG states training draws from: torch, CUDA, numpy, Python and the loader's."""
+        return get_rng_state(self.train_dl)
 
     def print(self, *args: Any) -> None:
         """Print a line on the main process only (through tqdm, so bars stay intact)."""
@@ -199,46 +240,56 @@ class Learner:
             tqdm.write(" ".join(str(a) for a in args))
 
     # ---- the loop --------------------------------------------------------------------------
-    def _loss(self, batch: Any) -> torch.Tensor:
+    def _loss(self, batch: Any, model: nn.Module) -> torch.Tensor:
         if self.compute_loss is not None:
-            return self.compute_loss(self.model, batch)
+            return self.compute_loss(model, batch)
         if not isinstance(batch, (list, tuple)) or len(batch) < 2:
             raise TypeError(f"a batch must be (x, y) or (x1, ..., xn, y), got "
                             f"{type(batch).__name__}; pass compute_loss for other batches")
-        self.pred = self.model(*batch[:-1])
+        self.pred = model(*batch[:-1])
         return self.loss_func(self.pred, batch[-1])
 
     def _train_epoch(self) -> None:
         self.model.train()
+        sampler = getattr(self.train_dl, "sampler", None)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(self.epoch)  # DistributedSampler: a new shuffle every epoch
+        self.epoch_rng = self.rng_state()
         self._event("before_train")
-        n, accum = len(self.train_dl), self.accum_steps
-        for self.iter, batch in enumerate(self.train_dl):
-            if self.iter < self._skip:
-                continue
+        n, accum, skip = len(self.train_dl), self.accum_steps, self.resume_skip
+        batches = iter(self.train_dl)
+        if skip:  # resuming mid-epoch: replay the order, skip what was seen, then the RNGs
+            for _ in range(skip):
+                next(batches)
+            set_rng_state(self.resume_rng, self.train_dl)
+            self.resume_skip, self.resume_rng = 0, None
+        for self.iter, batch in enumerate(batches, start=skip):
             try:
+                stepping = (self.iter + 1) % accum == 0 or self.iter + 1 == n
+                size = min(accum, n - self.iter + self.iter % accum)  # last chunk may be short
                 self.batch = to_device(batch, self.device)
                 self._event("before_batch")
-                with self._autocast():
-                    self.loss = self._loss(self.batch)
-                if self.loss.ndim != 0:
-                    raise ValueError(f"the loss must be a scalar, got shape "
-                                     f"{tuple(self.loss.shape)}")
-                first = self.iter % accum == 0
-                size = min(accum, n - self.iter + self.iter % accum)  # last chunk may be short
-                self.loss_grad = self.loss / size if size > 1 else self.loss
-                self._event("after_loss")
-                (self.loss_grad if self.scaler is None else
-                 self.scaler.scale(self.loss_grad)).backward()
+                # DDP: gradients are averaged across processes only on the stepping batch.
+                with (self._nullcontext() if stepping or self.ddp is None
+                      else self.ddp.no_sync()):
+                    with self._autocast():
+                        self.loss = self._loss(self.batch, self.train_model)
+                    if self.loss.ndim != 0:
+                        raise ValueError(f"the loss must be a scalar, got shape "
+                                         f"{tuple(self.loss.shape)}")
+                    self.loss_grad = self.loss / size if size > 1 else self.loss
+                    self._event("after_loss")
+                    (self.loss_grad if self.scaler is None else
+                     self.scaler.scale(self.loss_grad)).backward()
                 loss = self.loss.detach()
-                self.step_loss = loss if first else self.step_loss + loss
-                if (self.iter + 1) % accum == 0 or self.iter + 1 == n:
+                self.step_loss = loss if self.iter % accum == 0 else self.step_loss + loss
+                if stepping:
                     if size > 1:
                         self.step_loss = self.step_loss / size
                     self._step()
                 self._event("after_batch")
             except CancelBatchException:
                 pass
-        self._skip = 0
         self._event("after_train")
 
     def _step(self) -> None:
@@ -267,7 +318,7 @@ class Learner:
         self.steps_per_epoch = math.ceil(len(self.train_dl) / self.accum_steps)
         self.total_steps = n_epoch * self.steps_per_epoch
         if not self.resuming:
-            self.epoch, self.train_iter, self._skip = 0, 0, 0
+            self.epoch, self.train_iter = 0, 0
         self.fit_error = None
         with self._with_cbs(cbs, only):
             try:
@@ -294,22 +345,49 @@ class Learner:
 
     # ---- public training API ---------------------------------------------------------------
     def fit(self, n_epoch: int, lr: LR | None = None, wd: float | None = None,
-            cbs: Sequence[Callback] | None = None) -> None:
-        """Train for ``n_epoch`` epochs; ``lr``/``wd``, when given, are set once at the start."""
-        self._run(n_epoch, lr, wd, cbs, None)
+            cbs: Sequence[Callback] | None = None,
+            resume_from: str | os.PathLike | None = None) -> None:
+        """Train for ``n_epoch`` epochs; ``lr``/``wd``, when given, are set once at the start.
 
-    def _run(self, n_epoch: int, lr: LR | None, wd: float | None, cbs: Any,
+        ``resume_from``: a :class:`Checkpoint` file of an interrupted run of the same call.
+        """
+        self._run(n_epoch, lr, wd, cbs, resume_from, "fit", {}, None)
+
+    def _run(self, n_epoch: int, lr: Any, wd: float | None, cbs: Any,
+             resume_from: str | os.PathLike | None, method: str, args: dict,
              scheds: Callable[[list[float]], dict] | None) -> None:
+        """Check every argument, resolve the LRs (running the range test for "auto") and fit."""
+        from .checkpoint import apply_checkpoint, read_checkpoint
+
         check_int("n_epoch", n_epoch)
-        lrs = self._lrs(lr)
+        auto = isinstance(lr, str)
+        if auto and lr != "auto":
+            raise ValueError(f"lr must be a float, slice, sequence or 'auto', got {lr!r}")
+        lrs = None if auto else self._lrs(lr)
         if wd is not None and check_number("wd", wd) < 0:
             raise ValueError(f"wd must be >= 0, got {wd!r}")
         cbs = _check_cbs(cbs)
+        state = None if resume_from is None else read_checkpoint(self, resume_from, n_epoch)
+        if state is not None:
+            lrs = state["sched"]["lrs"] if auto else lrs
+            if state["sched"] != {"method": method, "lrs": lrs, **args}:
+                raise ValueError(f"resume_from was written by {state['sched']}, not by "
+                                 f"{ {'method': method, 'lrs': lrs, **args} }: resume with "
+                                 "the same call")
+        elif auto:
+            found = self.lr_find(suggest_funcs=("auto",), show_plot=False).auto
+            if found is None:
+                raise ValueError("the range test gave no 'auto' suggestion (see its warning)")
+            lrs = self._lrs(found)
+        self.sched_args = {"method": method, "lrs": lrs, **args}
+        if state is not None:
+            apply_checkpoint(self, state)
+        else:
+            self._set_lrs(lrs)
+            if wd is not None:
+                for g in self.opt.param_groups:
+                    g["weight_decay"] = wd
         extra = [] if scheds is None else [ParamScheduler(scheds(lrs))]
-        self._set_lrs(lrs)
-        if wd is not None:
-            for g in self.opt.param_groups:
-                g["weight_decay"] = wd
         self._fit(n_epoch, extra + cbs)
 
     def _lrs(self, lr: LR | None, name: str = "lr") -> list[float]:
@@ -319,19 +397,11 @@ class Learner:
         for g, v in zip(self.opt.param_groups, lrs):
             g["lr"] = v
 
-    def _auto(self, lr: Any, name: str) -> Any:
-        if isinstance(lr, str):
-            if lr != "auto":
-                raise ValueError(f"{name} must be a float, slice, sequence or 'auto', got {lr!r}")
-            lr = self.lr_find(suggest_funcs=("auto",), show_plot=False).auto
-            if lr is None:
-                raise ValueError("the range test gave no 'auto' suggestion (see its warning)")
-        return lr
-
     def fit_one_cycle(self, n_epoch: int, lr_max: LR | str | None = None, div: float = 25.0,
                       div_final: float = 1e5, pct_start: float = 0.25,
                       moms: Sequence[float] | None = None, wd: float | None = None,
-                      cbs: Sequence[Callback] | None = None) -> None:
+                      cbs: Sequence[Callback] | None = None,
+                      resume_from: str | os.PathLike | None = None) -> None:
         """One-cycle training (``schedules.one_cycle`` for the LR, ``one_cycle_moms`` for momentum).
 
         ``lr_max`` defaults to the learner's ``lr``; ``"auto"`` runs ``lr_find`` first and uses
@@ -341,27 +411,25 @@ class Learner:
         moms = self.moms if moms is None else moms
         mom = schedules.one_cycle_moms(moms, pct_start)
         schedules.one_cycle(1.0, div, div_final, pct_start)
-        if not isinstance(lr_max, str):
-            self._lrs(lr_max, "lr_max")
-        check_int("n_epoch", n_epoch)
-        lr_max = self._auto(lr_max, "lr_max")
-        self._run(n_epoch, lr_max, wd, cbs, lambda lrs: {
+        args = {"div": div, "div_final": div_final, "pct_start": pct_start, "moms": tuple(moms)}
+        self._run(n_epoch, lr_max, wd, cbs, resume_from, "one_cycle", args, lambda lrs: {
             "lr": [schedules.one_cycle(v, div, div_final, pct_start) for v in lrs], "mom": mom})
 
     def fit_flat_cos(self, n_epoch: int, lr: LR | str | None = None, div_final: float = 1e5,
                      pct_start: float = 0.75, wd: float | None = None,
-                     cbs: Sequence[Callback] | None = None) -> None:
+                     cbs: Sequence[Callback] | None = None,
+                     resume_from: str | os.PathLike | None = None) -> None:
         """Flat LR for ``pct_start`` of training, then cosine to ``lr/div_final`` (defaults 0.75,
         1e5)."""
         schedules.flat_cos(1.0, div_final, pct_start)
-        check_int("n_epoch", n_epoch)
-        lr = self._auto(lr, "lr")
-        self._run(n_epoch, lr, wd, cbs, lambda lrs: {
+        args = {"div_final": div_final, "pct_start": pct_start}
+        self._run(n_epoch, lr, wd, cbs, resume_from, "flat_cos", args, lambda lrs: {
             "lr": [schedules.flat_cos(v, div_final, pct_start) for v in lrs]})
 
     def fit_sgdr(self, n_cycles: int, cycle_len: int, lr_max: LR | str | None = None,
                  cycle_mult: int = 2, wd: float | None = None,
-                 cbs: Sequence[Callback] | None = None) -> None:
+                 cbs: Sequence[Callback] | None = None,
+                 resume_from: str | os.PathLike | None = None) -> None:
         """Cosine annealing with warm restarts: cycle i lasts ``cycle_len * cycle_mult**i`` epochs.
 
         Each cycle anneals ``lr_max -> 0`` by cosine. Default cycle_mult=2 (1 allowed).
@@ -369,20 +437,20 @@ class Learner:
         check_int("n_cycles", n_cycles)
         check_int("cycle_len", cycle_len)
         check_int("cycle_mult", cycle_mult)
-        lr_max = self._auto(lr_max, "lr_max")
         n_epoch = cycle_len * sum(cycle_mult**i for i in range(n_cycles))
-        self._run(n_epoch, lr_max, wd, cbs, lambda lrs: {
+        args = {"n_cycles": n_cycles, "cycle_mult": cycle_mult}
+        self._run(n_epoch, lr_max, wd, cbs, resume_from, "sgdr", args, lambda lrs: {
             "lr": [schedules.sgdr(v, n_cycles, cycle_mult) for v in lrs]})
 
     def fit_warmup_cosine(self, n_epoch: int, lr_max: LR | str | None = None,
                           warmup_pct: float = 0.1, div: float = 25.0, div_final: float = 1e5,
-                          wd: float | None = None, cbs: Sequence[Callback] | None = None) -> None:
+                          wd: float | None = None, cbs: Sequence[Callback] | None = None,
+                          resume_from: str | os.PathLike | None = None) -> None:
         """Linear warmup ``lr_max/div -> lr_max`` over ``warmup_pct``, then cosine to
         ``lr_max/div_final`` (defaults 0.1, 25, 1e5)."""
         schedules.warmup_cosine(1.0, warmup_pct, div, div_final)
-        check_int("n_epoch", n_epoch)
-        lr_max = self._auto(lr_max, "lr_max")
-        self._run(n_epoch, lr_max, wd, cbs, lambda lrs: {
+        args = {"warmup_pct": warmup_pct, "div": div, "div_final": div_final}
+        self._run(n_epoch, lr_max, wd, cbs, resume_from, "warmup_cosine", args, lambda lrs: {
             "lr": [schedules.warmup_cosine(v, warmup_pct, div, div_final) for v in lrs]})
 
     def fine_tune(self, epochs: int, base_lr: float = 2e-3, freeze_epochs: int = 1,
@@ -429,7 +497,7 @@ class Learner:
         with self._eval_mode():
             for batch in dl:
                 batch = to_device(batch, self.device)
-                loss = self._loss(batch)
+                loss = self._loss(batch, self.model)
                 bs = batch_size(batch)
                 values = [loss.detach().float()]
                 values += [m(self.pred, batch[-1]) for m in self.metrics]
@@ -479,9 +547,13 @@ class Learner:
             raise ValueError(f"monitor must be one of {names}, got {monitor!r}")
 
     def save(self, path: str | os.PathLike, with_opt: bool = True) -> None:
-        """Save model (and optimizer) state to ``path`` atomically (temp file + rename)."""
-        atomic_save({"model": self.model.state_dict(),
-                     "opt": self.opt.state_dict() if with_opt else None}, path)
+        """Save model (and optimizer) state to ``path`` atomically (temp file + rename).
+
+        In multi-process training only the main process writes.
+        """
+        if self.is_main:
+            atomic_save({"model": self.model.state_dict(),
+                         "opt": self.opt.state_dict() if with_opt else None}, path)
 
     def load(self, path: str | os.PathLike, with_opt: bool = True) -> None:
         """Load what :meth:`save` wrote; keys and shapes are checked before anything changes."""
@@ -504,3 +576,47 @@ def check_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     if missing or unexpected or shapes:
         raise ValueError(f"checkpoint does not match the model: missing keys {missing[:5]}, "
                          f"unexpected keys {unexpected[:5]}, shape mismatches {shapes[:5]}")
+
+
+def _init_distributed(device: torch.device) -> tuple[int, int]:
+    """Start the process group when torchrun asks for one; return (world size, rank).
+
+    A group the user started is used as it is and left alone; one started here is closed at
+    exit, after a barrier (without it a rank can abort while another still talks to it).
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 1, 0
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        atexit.register(_close_distributed)
+    return dist.get_world_size(), dist.get_rank()
+
+
+def _close_distributed() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def _distributed_loader(dl: Any, world_size: int, rank: int) -> Any:
+    """``dl`` with a DistributedSampler (same batch size per process) unless it has one."""
+    import torch.distributed as dist
+    from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
+
+    if not isinstance(dl, DataLoader) or isinstance(dl.sampler, DistributedSampler):
+        return dl
+    seed = [dl.generator.initial_seed() if dl.generator is not None else torch.initial_seed()]
+    dist.broadcast_object_list(seed, src=0)  # every process must shuffle alike
+    sampler = DistributedSampler(dl.dataset, world_size, rank,
+                                 shuffle=isinstance(dl.sampler, RandomSampler),
+                                 seed=seed[0] % 2**63, drop_last=dl.drop_last)
+    return DataLoader(dl.dataset, batch_size=dl.batch_size, sampler=sampler,
+                      num_workers=dl.num_workers, collate_fn=dl.collate_fn,
+                      pin_memory=dl.pin_memory, drop_last=dl.drop_last,
+                      worker_init_fn=dl.worker_init_fn, persistent_workers=dl.persistent_workers)

@@ -60,7 +60,10 @@ class Recorder(Callback):
         """Move pending losses to the host; raise if one is not finite during training."""
         if not self._pending:
             return
-        values = torch.stack(self._pending).float().cpu().tolist()
+        values = torch.stack(self._pending).float()
+        if learn is not None:
+            values = learn.reduce_loss(values)  # one collective per chunk under DDP
+        values = values.cpu().tolist()
         self._pending.clear()
         start = len(self._losses)
         self._losses.extend(values)
@@ -84,6 +87,7 @@ class Recorder(Callback):
     def before_fit(self, learn: Learner) -> None:
         if not learn.resuming:
             self.lrs, self.moms, self._losses, self._pending, self.values = [], [], [], [], []
+        self.before_epoch(learn)  # set again at each epoch end: a cancelled before_epoch is fine
 
     def before_epoch(self, learn: Learner) -> None:
         self._start_time = time.perf_counter()
@@ -106,6 +110,7 @@ class Recorder(Callback):
         row.update(learn.valid_result or {})
         row["time"] = time.perf_counter() - self._start_time
         self.values.append(row)
+        self.before_epoch(learn)
 
     def after_fit(self, learn: Learner) -> None:
         if learn.fit_error is None:

@@ -1,0 +1,175 @@
+"""Checkpoints that resume exactly, early stopping, and keeping the best model."""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .callback import Callback, CancelFitException
+from .utils import atomic_save, check_int, set_rng_state
+
+if TYPE_CHECKING:
+    from .learner import Learner
+
+FORMAT = "lrfind-checkpoint-1"
+
+
+def training_state(learn: Learner, mid_epoch: bool) -> dict[str, Any]:
+    """Everything needed to resume: model, optimizer, scaler, recorder, progress and RNGs.
+
+    At an epoch end the state points at the start of the next epoch; mid-epoch it holds the
+    batches already seen and the RNG state of the epoch's start, to replay the same order.
+    """
+    learn.recorder.flush(learn)  # raises on a non-finite loss: a bad state is never saved
+    return {
+        "format": FORMAT,
+        "model": learn.model.state_dict(),
+        "opt": learn.opt.state_dict(),
+        "scaler": None if learn.scaler is None else learn.scaler.state_dict(),
+        "recorder": learn.recorder.state_dict(),
+        "epoch": learn.epoch if mid_epoch else learn.epoch + 1,
+        "batches_done": learn.iter + 1 if mid_epoch else 0,
+        "train_iter": learn.train_iter + 1 if mid_epoch else learn.train_iter,
+        "n_epoch": learn.n_epoch,
+        "total_steps": learn.total_steps,
+        "sched": learn.sched_args,
+        "rng": learn.rng_state(),
+        "epoch_rng": learn.epoch_rng if mid_epoch else None,
+    }
+
+
+def read_checkpoint(learn: Learner, path: str | os.PathLike, n_epoch: int) -> dict[str, Any]:
+    """Load and check a checkpoint against ``learn`` and ``n_epoch``; changes nothing."""
+    from .learner import check_state_dict
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"resume_from {os.fspath(path)!r} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise ValueError(f"resume_from {os.fspath(path)!r} is not an lrfind checkpoint "
+                         f"({type(e).__name__})") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise ValueError(f"resume_from {os.fspath(path)!r} is not an lrfind checkpoint")
+    check_state_dict(learn.model, state["model"])
+    if state["n_epoch"] != n_epoch:
+        raise ValueError(f"n_epoch is {n_epoch} but the checkpoint was written by a fit of "
+                         f"{state['n_epoch']} epochs: resume with the same arguments")
+    steps = n_epoch * math.ceil(len(learn.train_dl) / learn.accum_steps)
+    if state["total_steps"] != steps:
+        raise ValueError(f"the checkpoint's run had {state['total_steps']} optimizer steps, this "
+                         f"one would have {steps}: the loader or accum_steps changed")
+    return state
+
+
+def apply_checkpoint(learn: Learner, state: dict[str, Any]) -> None:
+    """Put the learner in the state :func:`read_checkpoint` returned, ready to continue."""
+    learn.model.load_state_dict(state["model"])
+    learn.opt.load_state_dict(state["opt"])
+    if learn.scaler is not None and state["scaler"] is not None:
+        learn.scaler.load_state_dict(state["scaler"])
+    learn.recorder.load_state_dict(state["recorder"])
+    learn.epoch, learn.train_iter = state["epoch"], state["train_iter"]
+    learn.resume_skip = state["batches_done"]
+    if state["batches_done"]:
+        set_rng_state(state["epoch_rng"], learn.train_dl)  # replay the epoch's batch order
+        learn.resume_rng = state["rng"]  # then continue with the RNGs as they were
+    else:
+        set_rng_state(state["rng"], learn.train_dl)
+    learn.resuming = True
+
+
+class Checkpoint(Callback):
+    """Write the full training state to ``path`` atomically, every epoch or every N steps.
+
+    ``every="epoch"`` (default) writes at each epoch end; an int N writes after every N-th
+    optimizer step. Resume with ``fit_one_cycle(..., resume_from=path)`` (same arguments).
+    """
+
+    order = 80
+
+    def __init__(self, path: str | os.PathLike, every: str | int = "epoch") -> None:
+        if every != "epoch":
+            check_int("every", every)
+        self.path, self.every = os.fspath(path), every
+
+    def _save(self, learn: Learner, mid_epoch: bool) -> None:
+        state = training_state(learn, mid_epoch)
+        if learn.is_main:
+            atomic_save(state, self.path)
+
+    def after_step(self, learn: Learner) -> None:
+        if self.every != "epoch" and (learn.train_iter + 1) % self.every == 0:
+            self._save(learn, mid_epoch=learn.iter + 1 < len(learn.train_dl))
+
+    def after_epoch(self, learn: Learner) -> None:
+        if self.every == "epoch":
+            self._save(learn, mid_epoch=False)
+
+
+class _Monitor(Callback):
+    """Tracks the best value of a monitored quantity across epochs."""
+
+    order = 70
+
+    def __init__(self, monitor: str, mode: str, min_delta: float = 0.0) -> None:
+        if mode not in ("min", "max"):
+            raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
+        if not isinstance(min_delta, (int, float)) or min_delta < 0:
+            raise ValueError(f"min_delta must be a number >= 0, got {min_delta!r}")
+        self.monitor, self.mode, self.min_delta = monitor, mode, float(min_delta)
+
+    def before_fit(self, learn: Learner) -> None:
+        learn.check_monitor(self.monitor)
+        self.best = math.inf if self.mode == "min" else -math.inf
+
+    def improved(self, learn: Learner) -> bool:
+        """Read this epoch's value; True (and remember it) when it beats the best."""
+        value = learn.recorder.values[-1][self.monitor]
+        better = (value < self.best - self.min_delta if self.mode == "min"
+                  else value > self.best + self.min_delta)
+        if better:
+            self.best = value
+        return better
+
+
+class EarlyStopping(_Monitor):
+    """Stop when ``monitor`` has not improved by more than ``min_delta`` for ``patience`` epochs.
+
+    Defaults: monitor "valid_loss", patience 3, min_delta 0, mode "min".
+    """
+
+    def __init__(self, monitor: str = "valid_loss", patience: int = 3, min_delta: float = 0.0,
+                 mode: str = "min") -> None:
+        super().__init__(monitor, mode, min_delta)
+        self.patience = check_int("patience", patience)
+
+    def before_fit(self, learn: Learner) -> None:
+        super().before_fit(learn)
+        self.wait = 0
+
+    def after_epoch(self, learn: Learner) -> None:
+        self.wait = 0 if self.improved(learn) else self.wait + 1
+        if self.wait >= self.patience:
+            learn.print(f"early stopping after epoch {learn.epoch}: {self.monitor} has not "
+                        f"improved for {self.patience} epochs (best {self.best:.6g})")
+            raise CancelFitException
+
+
+class SaveBest(_Monitor):
+    """Save the model (``learn.save``) whenever ``monitor`` reaches a new best.
+
+    Defaults: monitor "valid_loss", mode "min".
+    """
+
+    def __init__(self, path: str | os.PathLike, monitor: str = "valid_loss",
+                 mode: str = "min") -> None:
+        super().__init__(monitor, mode)
+        self.path = os.fspath(path)
+
+    def after_epoch(self, learn: Learner) -> None:
+        if self.improved(learn):
+            learn.save(self.path)
