@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 import os
 import random
-import tempfile
 from typing import Any
 
 import numpy as np
@@ -100,16 +99,18 @@ def set_rng_state(state: dict, dl: Any = None) -> None:
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` to a temporary file in the same folder, then rename it over ``path``.
+    """``torch.save`` to a hidden temporary file in the same folder, then rename it to ``path``.
 
-    A crash during the write leaves the previous file intact and no partial file behind.
+    The rename is atomic: a crash during the write leaves the previous file intact. The
+    temporary name is fixed per target (``.NAME.tmp``), so a write cut short is overwritten by
+    the next one instead of piling up.
     """
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
+    path = os.path.abspath(os.fspath(path))
+    folder, name = os.path.split(path)
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".pt")
+    tmp = os.path.join(folder, f".{name}.tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
+        with open(tmp, "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())

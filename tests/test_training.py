@@ -1,0 +1,313 @@
+"""Real training: checkpoints and exact resume, early stopping, best model, non-finite losses,
+mixed precision and the fp16 skip logic, multi-process training."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import lrfind
+from lrfind import Callback, Checkpoint, EarlyStopping, SaveBest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# A seeded task, shared by this process and the subprocesses below.
+TASK = """
+import torch, torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+import lrfind
+
+def make_learner(**kw):
+    torch.manual_seed(0)
+    x = torch.randn(200, 8)
+    y = (x[:, 0] + x[:, 1] > 0).long()
+    dl = DataLoader(TensorDataset(x[:160], y[:160]), batch_size=16, shuffle=True)
+    valid = DataLoader(TensorDataset(x[160:], y[160:]), batch_size=40)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Dropout(0.1), nn.ReLU(), nn.Linear(16, 2))
+    return lrfind.Learner(model, dl, valid, loss_func=F.cross_entropy, progress=False, **kw)
+"""
+namespace: dict = {}
+exec(TASK, namespace)
+make_learner = namespace["make_learner"]
+
+
+def weights(learn: lrfind.Learner) -> list[torch.Tensor]:
+    return [t.detach().clone() for t in learn.model.state_dict().values()]
+
+
+def same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+class StopAt(Callback):
+    """Raise KeyboardInterrupt after the given epoch (after checkpoints are written)."""
+
+    order = 90
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def after_epoch(self, learn: lrfind.Learner) -> None:
+        if learn.epoch == self.epoch:
+            raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("every", ["epoch", 7])
+def test_resume_is_bitwise_exact(tmp_path, every):
+    full = make_learner()
+    full.fit_one_cycle(4, 1e-2)
+    path = tmp_path / "ck.pt"
+    cut = make_learner()
+    with pytest.raises(KeyboardInterrupt):
+        cut.fit_one_cycle(4, 1e-2, cbs=[Checkpoint(path, every=every), StopAt(1)])
+    resumed = make_learner()
+    resumed.fit_one_cycle(4, 1e-2, resume_from=path)
+    assert same(weights(full), weights(resumed))
+    assert resumed.recorder.lrs == full.recorder.lrs
+    assert len(resumed.recorder.values) == 4
+    assert [r["epoch"] for r in resumed.recorder.values] == [0, 1, 2, 3]
+
+
+def test_mid_epoch_checkpoint_skips_seen_batches(tmp_path):
+    path = tmp_path / "ck.pt"
+    learn = make_learner()
+    with pytest.raises(KeyboardInterrupt):
+        learn.fit(2, 1e-2, cbs=[Checkpoint(path, every=3), StopAt(0)])
+    state = torch.load(path, weights_only=False)
+    assert state["batches_done"] == 9 and state["epoch"] == 0  # 10 batches an epoch
+    seen = []
+
+    class Spy(Callback):
+        def before_batch(self, learn):
+            seen.append(learn.iter)
+
+    resumed = make_learner()
+    resumed.fit(2, 1e-2, cbs=[Spy()], resume_from=path)
+    assert seen == [9] + list(range(10))
+
+
+def test_resume_after_sigkill_in_new_process(tmp_path):
+    script = tmp_path / "train.py"
+    script.write_text(TASK + textwrap.dedent("""
+        import os, signal, sys
+        out, mode = sys.argv[1], sys.argv[2]
+        learn = make_learner()
+        class Kill(lrfind.Callback):
+            order = 90
+            def after_epoch(self, learn):
+                if learn.epoch == 1:
+                    os.kill(os.getpid(), signal.SIGKILL)
+        cbs = [lrfind.Checkpoint(out + "/ck.pt")] + ([Kill()] if mode == "kill" else [])
+        learn.fit_one_cycle(4, 1e-2, cbs=cbs, resume_from=out + "/ck.pt" if mode == "resume" else None)
+        torch.save(learn.model.state_dict(), out + "/final-" + mode + ".pt")
+    """))
+    env = {**os.environ, "PYTHONPATH": ROOT}
+
+    def run(mode: str) -> int:
+        return subprocess.run([sys.executable, str(script), str(tmp_path), mode], env=env,
+                              capture_output=True, timeout=120).returncode
+
+    assert run("kill") == -signal.SIGKILL
+    assert not (tmp_path / "final-kill.pt").exists()
+    assert run("resume") == 0
+    assert run("full") == 0
+    a = torch.load(tmp_path / "final-resume.pt")
+    b = torch.load(tmp_path / "final-full.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_checkpoint_write_killed_leaves_previous_intact(tmp_path):
+    script = tmp_path / "write.py"
+    script.write_text(textwrap.dedent(f"""
+        import os, signal, sys, torch
+        sys.path.insert(0, {ROOT!r})
+        from lrfind.utils import atomic_save
+        path = sys.argv[1]
+        atomic_save({{"v": torch.arange(5)}}, path)
+        real = torch.save
+        def half_then_die(obj, f, *a, **k):
+            f.write(b"partial bytes")
+            f.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+        torch.save = half_then_die
+        atomic_save({{"v": torch.arange(9)}}, path)
+    """))
+    path = tmp_path / "ck.pt"
+    proc = subprocess.run([sys.executable, str(script), str(path)], capture_output=True,
+                          timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    assert torch.equal(torch.load(path)["v"], torch.arange(5))
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == [
+        "ck.pt", "write.py"]
+
+
+def test_resume_bad_input_changes_nothing(tmp_path):
+    learn = make_learner()
+    before = weights(learn)
+    with pytest.raises(FileNotFoundError, match="resume_from"):
+        learn.fit_one_cycle(2, 1e-2, resume_from=tmp_path / "missing.pt")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="not an lrfind checkpoint"):
+        learn.fit_one_cycle(2, 1e-2, resume_from=tmp_path / "junk.pt")
+    torch.save({"model": {}}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="not an lrfind checkpoint"):
+        learn.fit_one_cycle(2, 1e-2, resume_from=tmp_path / "other.pt")
+    # a checkpoint of a different model
+    other = lrfind.Learner(nn.Linear(8, 2), learn.train_dl, loss_func=F.cross_entropy,
+                           progress=False)
+    with pytest.raises(KeyboardInterrupt):
+        other.fit(2, 1e-2, cbs=[Checkpoint(tmp_path / "lin.pt"), StopAt(0)])
+    with pytest.raises(ValueError, match="does not match the model"):
+        learn.fit(2, 1e-2, resume_from=tmp_path / "lin.pt")
+    # same model, other schedule
+    with pytest.raises(KeyboardInterrupt):
+        learn.fit_one_cycle(3, 1e-2, cbs=[Checkpoint(tmp_path / "ck.pt"), StopAt(0)])
+    before = weights(learn)
+    with pytest.raises(ValueError, match="n_epoch"):
+        learn.fit_one_cycle(4, 1e-2, resume_from=tmp_path / "ck.pt")
+    with pytest.raises(ValueError, match="same call"):
+        learn.fit_one_cycle(3, 2e-2, resume_from=tmp_path / "ck.pt")
+    assert same(before, weights(learn))
+
+
+def test_checkpoint_every_must_be_positive():
+    with pytest.raises(ValueError, match="every"):
+        Checkpoint("x.pt", every=0)
+
+
+def test_early_stopping_and_save_best(tmp_path):
+    learn = make_learner()
+    values = iter([1.0, 0.5, 0.6, 0.7, 0.4, 0.9, 0.9, 0.9, 0.9, 0.9])
+
+    class FakeValid(Callback):
+        order = 60  # after the recorder wrote the row, before the monitors read it
+
+        def after_epoch(self, learn):
+            learn.recorder.values[-1]["valid_loss"] = next(values)
+
+    best = tmp_path / "best.pt"
+    learn.fit(10, 1e-3, cbs=[FakeValid(), EarlyStopping(patience=2), SaveBest(best)])
+    assert len(learn.recorder.values) == 4  # 0.6 and 0.7 do not beat 0.5
+    assert best.exists()
+    with pytest.raises(ValueError, match="monitor"):
+        learn.fit(1, cbs=[EarlyStopping(monitor="nope")])
+    with pytest.raises(ValueError, match="mode"):
+        SaveBest(best, mode="up")
+    with pytest.raises(ValueError, match="patience"):
+        EarlyStopping(patience=0)
+
+
+def test_non_finite_loss_stops_with_epoch_and_step(tmp_path):
+    learn = make_learner()
+    steps = [0]
+
+    class Poison(Callback):
+        def after_loss(self, learn):
+            steps[0] += 1
+            if learn.epoch == 1 and learn.iter == 4:
+                learn.loss = learn.loss * float("nan")
+                learn.loss_grad = learn.loss
+
+    path = tmp_path / "ck.pt"
+    with pytest.raises(FloatingPointError, match=r"epoch 1, optimizer step 14"):
+        learn.fit(3, 1e-2, cbs=[Poison(), Checkpoint(path)])
+    state = torch.load(path, weights_only=False)
+    assert state["epoch"] == 1  # the last good checkpoint: end of epoch 0
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+def test_bf16_on_cpu_trains_with_float32_params():
+    learn = make_learner(precision="bf16")
+    first = learn.validate()["valid_loss"]
+    learn.fit_one_cycle(3, 1e-2)
+    assert learn.validate()["valid_loss"] < first
+    assert all(p.dtype == torch.float32 for p in learn.model.parameters())
+
+
+def test_fp16_overflow_skips_step_without_advancing_schedule():
+    learn = make_learner(precision="fp16")
+    assert learn.scaler is not None
+
+    class Overflow(Callback):
+        def after_loss(self, learn):
+            if learn.epoch == 0 and learn.iter == 3:
+                learn.loss_grad = learn.loss * float("inf")
+
+    learn.fit_one_cycle(2, 1e-2, cbs=[Overflow()])
+    rec = learn.recorder
+    assert len(rec.lrs) == learn.total_steps - 1  # one step skipped, not recorded
+    expected = [lrfind.schedules.one_cycle(1e-2)(i / (learn.total_steps - 1))
+                for i in range(learn.total_steps - 1)]
+    assert rec.lrs == pytest.approx(expected, rel=1e-12)
+    res = make_learner(precision="fp16").lr_find(num_it=20, stop_div=False, show_plot=False)
+    assert len(res.lrs) <= 20
+
+
+def test_bad_training_arguments():
+    with pytest.raises(ValueError, match="precision"):
+        make_learner(precision="fp8")
+    with pytest.raises(ValueError, match="accum_steps"):
+        make_learner(accum_steps=0)
+    with pytest.raises(ValueError, match="clip_grad"):
+        make_learner(clip_grad=0.0)
+
+
+def test_lr_find_counts_optimizer_steps_under_accumulation():
+    learn = make_learner(accum_steps=4)
+    res = learn.lr_find(num_it=30, stop_div=False, show_plot=False)
+    assert len(res.lrs) == 30  # 30 optimizer steps, 120 batches
+
+
+DDP_SCRIPT = """
+import json, os, sys
+import torch, torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
+import lrfind
+torch.manual_seed(0)
+x = torch.randn(256, 8); y = (x[:, 0] > 0).long(); idx = torch.arange(256)
+dl = DataLoader(TensorDataset(x, y, idx), batch_size=16, shuffle=True)
+model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
+seen = []
+class Spy(lrfind.Callback):
+    def before_batch(self, learn):
+        seen.extend(learn.batch[2].tolist())
+learn = lrfind.Learner(model, dl, compute_loss=lambda m, b: F.cross_entropy(m(b[0]), b[1]),
+                       progress=False, cbs=[Spy()])
+res = learn.lr_find(show_plot=False)
+seen.clear()
+learn.fit_one_cycle(2, 1e-2)
+w = torch.cat([p.detach().flatten() for p in learn.model.parameters()]).tolist()
+json.dump({"sugg": res.suggestions, "n": len(res.lrs), "w": w, "seen": seen,
+           "losses": learn.recorder.losses},
+          open(os.path.join(sys.argv[1], "rank%d.json" % learn.rank), "w"))
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_on_cpu(tmp_path):
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                           str(script), str(tmp_path)], env=env, capture_output=True, text=True,
+                          timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0, r1 = (json.loads((tmp_path / f"rank{i}.json").read_text()) for i in (0, 1))
+    assert r0["sugg"] == r1["sugg"] and r0["n"] == r1["n"]
+    assert r0["w"] == r1["w"]
+    assert r0["losses"] == r1["losses"]  # averaged across processes
+    # each process saw half of the data every epoch, and the halves do not overlap
+    assert len(r0["seen"]) == len(r1["seen"]) == 256
+    assert set(r0["seen"][:128]).isdisjoint(r1["seen"][:128])
+    assert set(r0["seen"][:128]) | set(r1["seen"][:128]) == set(range(256))
