@@ -145,7 +145,7 @@ class TorchScheduler(Callback):
     then gets the fractional epoch ``(step + 1) / steps_per_epoch``.
     """
 
-    order = 10
+    order = 55  # after the Recorder: it logs the LR a step used, then reads this epoch's row
 
     def __init__(self, sched_cls: Callable[..., Any], *args: Any, interval: str = "epoch",
                  monitor: str = "valid_loss", **kwargs: Any) -> None:
@@ -154,15 +154,16 @@ class TorchScheduler(Callback):
         if interval not in ("epoch", "batch"):
             raise ValueError(f"interval must be 'epoch' or 'batch', got {interval!r}")
         self.sched_cls, self.args, self.kwargs = sched_cls, args, kwargs
-        self.interval, self.monitor = interval, monitor
+        self.interval = interval
         self.plateau = isinstance(sched_cls, type) and issubclass(
             sched_cls, torch.optim.lr_scheduler.ReduceLROnPlateau)
         self.restarts = isinstance(sched_cls, type) and issubclass(
             sched_cls, torch.optim.lr_scheduler.CosineAnnealingWarmRestarts)
+        self.monitor = monitor if self.plateau else None  # checked by the learner up front
+        if self.plateau and interval == "batch":
+            raise ValueError("interval must be 'epoch' for ReduceLROnPlateau, got 'batch'")
 
     def before_fit(self, learn: Learner) -> None:
-        if self.plateau:
-            learn.check_monitor(self.monitor)
         for group in learn.opt.param_groups:
             group.pop("initial_lr", None)  # else a scheduler from an earlier fit sets the base LR
         self.sched = self.sched_cls(learn.opt, *self.args, **self.kwargs)
@@ -172,8 +173,6 @@ class TorchScheduler(Callback):
             return
         if self.restarts:
             self.sched.step((learn.train_iter + 1) / learn.steps_per_epoch)
-        elif self.plateau:
-            raise ValueError("ReduceLROnPlateau needs interval='epoch'")
         else:
             self.sched.step()
 

@@ -123,7 +123,6 @@ class _Monitor(Callback):
         self.monitor, self.mode, self.min_delta = monitor, mode, float(min_delta)
 
     def before_fit(self, learn: Learner) -> None:
-        learn.check_monitor(self.monitor)
         self.best = math.inf if self.mode == "min" else -math.inf
 
     def improved(self, learn: Learner) -> bool:

@@ -56,7 +56,8 @@ def preserved(learn: Learner) -> Iterator[None]:
     scaler = None if learn.scaler is None else _cpu_copy(learn.scaler.state_dict())
     rng = get_rng_state(learn.train_dl)
     attrs = {k: getattr(learn, k) for k in ("epoch", "n_epoch", "train_iter", "iter",
-                                            "total_steps", "steps_per_epoch", "valid_result")}
+                                            "total_steps", "steps_per_epoch", "valid_result",
+                                            "fit_error", "resuming", "sched_args")}
     try:
         yield
     finally:
@@ -73,6 +74,7 @@ def preserved(learn: Learner) -> Iterator[None]:
         set_rng_state(rng, learn.train_dl)
         for k, v in attrs.items():
             setattr(learn, k, v)
+        learn.batch = learn.loss = learn.loss_grad = learn.step_loss = learn.pred = None
 
 
 class LRFindResult:

@@ -324,6 +324,7 @@ class Learner:
             try:
                 self._event("before_fit")
                 for self.epoch in range(self.epoch, n_epoch):
+                    self.valid_result = None
                     try:
                         self._event("before_epoch")
                         self._train_epoch()
@@ -347,7 +348,10 @@ class Learner:
     def fit(self, n_epoch: int, lr: LR | None = None, wd: float | None = None,
             cbs: Sequence[Callback] | None = None,
             resume_from: str | os.PathLike | None = None) -> None:
-        """Train for ``n_epoch`` epochs; ``lr``/``wd``, when given, are set once at the start.
+        """Train for ``n_epoch`` epochs at a constant LR.
+
+        ``lr`` (default: the learner's ``lr``) is set once at the start, so a callback may
+        change it during training; ``wd`` is set when given.
 
         ``resume_from``: a :class:`Checkpoint` file of an interrupted run of the same call.
         """
@@ -360,13 +364,17 @@ class Learner:
         from .checkpoint import apply_checkpoint, read_checkpoint
 
         check_int("n_epoch", n_epoch)
+        name = "lr" if method in ("fit", "flat_cos") else "lr_max"  # the caller's parameter
         auto = isinstance(lr, str)
         if auto and lr != "auto":
-            raise ValueError(f"lr must be a float, slice, sequence or 'auto', got {lr!r}")
-        lrs = None if auto else self._lrs(lr)
+            raise ValueError(f"{name} must be a float, slice, sequence or 'auto', got {lr!r}")
+        lrs = None if auto else self._lrs(lr, name)
         if wd is not None and check_number("wd", wd) < 0:
             raise ValueError(f"wd must be >= 0, got {wd!r}")
         cbs = _check_cbs(cbs)
+        for cb in [*self.cbs, *cbs]:  # a callback that reads a monitored value names it
+            if getattr(cb, "monitor", None) is not None:
+                self.check_monitor(cb.monitor)
         state = None if resume_from is None else read_checkpoint(self, resume_from, n_epoch)
         if state is not None:
             lrs = state["sched"]["lrs"] if auto else lrs
@@ -563,9 +571,14 @@ class Learner:
         if not isinstance(state, dict) or "model" not in state:
             raise ValueError(f"{os.fspath(path)!r} is not a file written by Learner.save")
         check_state_dict(self.model, state["model"])
+        opt_state = state.get("opt") if with_opt else None
+        if opt_state is not None and [len(g["params"]) for g in opt_state["param_groups"]] != [
+                len(g["params"]) for g in self.opt.param_groups]:
+            raise ValueError(f"{os.fspath(path)!r}: the optimizer state has other parameter "
+                             "groups than this learner's optimizer")
         self.model.load_state_dict(state["model"])
-        if with_opt and state.get("opt") is not None:
-            self.opt.load_state_dict(state["opt"])
+        if opt_state is not None:
+            self.opt.load_state_dict(opt_state)
 
 
 def check_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:

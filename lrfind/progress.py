@@ -5,8 +5,6 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
-from tqdm.auto import tqdm
-
 from .callback import Callback
 
 if TYPE_CHECKING:
@@ -38,6 +36,9 @@ class ProgressCallback(Callback):
     order = 60
 
     def before_fit(self, learn: Learner) -> None:
+        # Imported here: tqdm.auto warns in notebooks without ipywidgets, even with no bar shown
+        from tqdm.auto import tqdm
+
         self.names = ["epoch", "train_loss"]
         if learn.valid_dl is not None:
             self.names += ["valid_loss", *learn.metric_names]
@@ -47,6 +48,8 @@ class ProgressCallback(Callback):
                            disable=not learn.is_main, leave=False)
 
     def before_train(self, learn: Learner) -> None:
+        from tqdm.auto import tqdm
+
         self.bar = tqdm(total=len(learn.train_dl), desc="train", leave=False,
                         disable=not learn.is_main)
         self.last = time.monotonic()
@@ -69,6 +72,7 @@ class ProgressCallback(Callback):
         self.epochs.update(1)
 
     def after_fit(self, learn: Learner) -> None:
-        self.epochs.close()
-        if hasattr(self, "bar"):
-            self.bar.close()
+        # before_fit may not have run (an earlier callback raised): close only what exists
+        for bar in (getattr(self, "epochs", None), getattr(self, "bar", None)):
+            if bar is not None:
+                bar.close()

@@ -49,7 +49,7 @@ def linear(start: float, end: float) -> Schedule:
     0.5
     """
     start, end = _check_number("start", start), _check_number("end", end)
-    return lambda pos: start + (end - start) * _clamp(pos)
+    return lambda pos: end if pos >= 1 else start + (end - start) * _clamp(pos)  # exact ends
 
 
 def cosine(start: float, end: float) -> Schedule:
@@ -59,7 +59,8 @@ def cosine(start: float, end: float) -> Schedule:
     0.5
     """
     start, end = _check_number("start", start), _check_number("end", end)
-    return lambda pos: end + (start - end) * (1.0 + math.cos(math.pi * _clamp(pos))) / 2.0
+    return lambda pos: start if pos <= 0 else (  # exact at 0; cos(pi) == -1 makes 1 exact
+        end + (start - end) * (1.0 + math.cos(math.pi * _clamp(pos))) / 2.0)
 
 
 def exponential(start: float, end: float) -> Schedule:
@@ -70,7 +71,7 @@ def exponential(start: float, end: float) -> Schedule:
     """
     start, end = _check_positive("start", start), _check_positive("end", end)
     ratio = end / start
-    return lambda pos: start * ratio ** _clamp(pos)
+    return lambda pos: end if pos >= 1 else start * ratio ** _clamp(pos)  # exact ends
 
 
 def polynomial(start: float, end: float, power: float = 2.0) -> Schedule:
@@ -81,7 +82,7 @@ def polynomial(start: float, end: float, power: float = 2.0) -> Schedule:
     """
     start, end = _check_number("start", start), _check_number("end", end)
     power = _check_positive("power", power)
-    return lambda pos: end + (start - end) * (1.0 - _clamp(pos)) ** power
+    return lambda pos: start if pos <= 0 else end + (start - end) * (1.0 - _clamp(pos)) ** power
 
 
 def join(phases: Sequence[Schedule], pcts: Sequence[float]) -> Schedule:

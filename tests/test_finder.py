@@ -1,0 +1,510 @@
+"""The LR range test: grid, recording, stopping, bitwise restore, result object, bad inputs."""
+
+import copy
+import math
+import os
+import random
+import tempfile
+import warnings
+
+import matplotlib
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import lrfind
+from lrfind import Learner
+
+matplotlib.use("Agg")
+
+W = torch.tensor([[1.5], [-2.0], [0.7], [1.0]])
+SUGGESTIONS = ("minimum", "steep", "valley", "slide", "auto")
+
+
+def data(n=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 4, generator=g)
+    return x, x @ W + 0.1 * torch.randn(n, 1, generator=g)
+
+
+def loader(n=64, bs=16, shuffle=False, generator=None):
+    return DataLoader(TensorDataset(*data(n)), batch_size=bs, shuffle=shuffle,
+                      generator=generator)
+
+
+class SpySGD(torch.optim.SGD):
+    """Records every group's LR as each step sees it."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.seen = []
+
+    def step(self, closure=None):
+        self.seen.append([g["lr"] for g in self.param_groups])
+        return super().step(closure)
+
+
+def spy_sgd(params, lr=1e-3):
+    return SpySGD(params, lr=lr, momentum=0.9)
+
+
+def make(model=None, dl=None, **kw):
+    torch.manual_seed(0)
+    kw.setdefault("loss_func", F.mse_loss)
+    kw.setdefault("progress", False)
+    return Learner(nn.Linear(4, 1) if model is None else model, loader() if dl is None else dl,
+                   **kw)
+
+
+def scripted(values):
+    """A compute_loss whose k-th call returns values[k] (with a gradient path to the model)."""
+    calls = []
+
+    def compute_loss(model, batch):
+        v = values[min(len(calls), len(values) - 1)]
+        calls.append(v)
+        return model(batch[0]).sum() * 0.0 + v
+
+    compute_loss.calls = calls
+    return compute_loss
+
+
+def same(a, b):
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, np.ndarray):
+        return isinstance(b, np.ndarray) and np.array_equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return (type(a) is type(b) and len(a) == len(b)
+                and all(same(x, y) for x, y in zip(a, b, strict=True)))
+    return a == b
+
+
+# ---- the grid --------------------------------------------------------------------------------
+
+
+def test_exp_grid_exact_endpoints_and_constant_ratio():
+    learn = make(opt_func=spy_sgd)
+    res = learn.lr_find(start_lr=1e-6, end_lr=1e-1, num_it=20, stop_div=False)
+    assert res.stop_reason == "num_it reached"
+    assert len(res.lrs) == len(res.losses) == len(res.raw_losses) == 20
+    assert res.lrs[0] == 1e-6 and res.lrs[-1] == 1e-1
+    ratios = np.array(res.lrs[1:]) / np.array(res.lrs[:-1])
+    assert ratios == pytest.approx(np.full(19, 1e5 ** (1 / 19)), rel=1e-12)
+    for k, lr in enumerate(res.lrs):
+        assert lr == pytest.approx(1e-6 * (1e5) ** (k / 19), rel=1e-12)
+
+
+def test_linear_grid_exact_endpoints_and_constant_difference():
+    learn = make(opt_func=spy_sgd)
+    res = learn.lr_find(start_lr=1e-4, end_lr=5e-2, num_it=12, stop_div=False, mode="linear")
+    assert res.stop_reason == "num_it reached"
+    assert len(res.lrs) == 12
+    assert res.lrs[0] == 1e-4 and res.lrs[-1] == 5e-2
+    assert np.diff(res.lrs) == pytest.approx(np.full(11, (5e-2 - 1e-4) / 11), rel=1e-9)
+
+
+def test_recorded_lr_is_the_one_used_by_the_step_that_made_the_loss():
+    torch.manual_seed(0)
+    model = nn.Linear(4, 1)
+    init = copy.deepcopy(model.state_dict())
+    learn = make(model, opt_func=spy_sgd)
+    res = learn.lr_find(start_lr=1e-4, end_lr=1e-1, num_it=10, stop_div=False, beta=0.5)
+    assert [s[-1] for s in learn.opt.seen] == res.lrs
+    # replay by hand: loss k is the forward pass of the batch whose step uses lrs[k]
+    ref = nn.Linear(4, 1)
+    ref.load_state_dict(init)
+    opt = torch.optim.SGD(ref.parameters(), lr=1.0, momentum=0.9)
+    batches = list(loader())
+    raw = []
+    for k, lr in enumerate(res.lrs):
+        xb, yb = batches[k % len(batches)]
+        loss = F.mse_loss(ref(xb), yb)
+        raw.append(loss.item())
+        loss.backward()
+        opt.param_groups[0]["lr"] = lr
+        opt.step()
+        opt.zero_grad()
+    assert res.raw_losses == pytest.approx(raw, rel=1e-6)
+    # smoothed: debiased EMA with beta 0.5
+    avg, smooth = 0.0, []
+    for k, v in enumerate(raw, start=1):
+        avg = 0.5 * avg + 0.5 * v
+        smooth.append(avg / (1 - 0.5**k))
+    assert res.losses == pytest.approx(smooth, rel=1e-6)
+
+
+def test_short_loader_cycles():
+    learn = make(dl=loader(48, bs=16))  # 3 batches
+    res = learn.lr_find(start_lr=1e-6, end_lr=1e-2, num_it=20)
+    assert len(res.lrs) == 20
+    assert res.stop_reason == "num_it reached"
+
+
+def test_longer_loader_stops_at_num_it():
+    learn = make(dl=loader(256, bs=8))  # 32 batches
+    res = learn.lr_find(start_lr=1e-6, end_lr=1e-2, num_it=7)
+    assert len(res.lrs) == 7 and res.lrs[-1] == 1e-2
+
+
+# ---- stopping --------------------------------------------------------------------------------
+
+
+@pytest.mark.filterwarnings("ignore:.*needs at least")
+def test_stops_when_smoothed_loss_exceeds_div_th_times_best():
+    # beta=0: smoothed == raw. best 1.0; 4.0 is not > 4x, 4.125 is (values exact in float32)
+    loss = scripted([2.0, 1.0, 1.5, 3.875, 4.0, 4.125, 1.0, 1.0])
+    learn = make(loss_func=None, compute_loss=loss)
+    res = learn.lr_find(num_it=8, beta=0.0, suggest_funcs=SUGGESTIONS)
+    assert res.stop_reason == "diverged"
+    assert res.raw_losses == [2.0, 1.0, 1.5, 3.875, 4.0, 4.125]
+    assert res.losses == res.raw_losses
+    assert len(loss.calls) == 6  # nothing ran after the stop
+    assert all(v is None or math.isfinite(v) for v in res.suggestions.values())
+
+
+def test_div_th_changes_the_threshold():
+    loss = scripted([2.0, 1.0, 1.5, 2.5, 1.0, 1.0])
+    res = make(loss_func=None, compute_loss=loss).lr_find(num_it=6, beta=0.0, div_th=2.0)
+    assert res.stop_reason == "diverged" and len(res.lrs) == 4
+    loss = scripted([2.0, 1.0, 1.5, 2.5, 1.0, 1.0])
+    res = make(loss_func=None, compute_loss=loss).lr_find(num_it=6, beta=0.0, stop_div=False)
+    assert res.stop_reason == "num_it reached" and len(res.lrs) == 6
+
+
+def test_divergence_rule_for_negative_losses():
+    # best -4: stop once smooth - best > 3 * |best|, i.e. smooth > 8 (a ratio test would stop
+    # at once: every value is > 4 * -4)
+    loss = scripted([-1.0, -2.0, -4.0, -3.0, 0.0, 7.875, 8.0, 8.125, -5.0, -5.0])
+    res = make(loss_func=None, compute_loss=loss).lr_find(num_it=10, beta=0.0)
+    assert res.stop_reason == "diverged"
+    assert res.raw_losses == [-1.0, -2.0, -4.0, -3.0, 0.0, 7.875, 8.0, 8.125]
+    loss = scripted([-1.0, -2.0, -3.0, -4.0, -5.0, -6.0])  # improving: never stops
+    res = make(loss_func=None, compute_loss=loss).lr_find(num_it=6, beta=0.0)
+    assert res.stop_reason == "num_it reached"
+
+
+def test_real_divergence_stops_early():
+    learn = make(opt_func=spy_sgd)
+    res = learn.lr_find(start_lr=1e-5, end_lr=1e3, num_it=100)
+    assert res.stop_reason in ("diverged", "non-finite loss")
+    assert 10 < len(res.lrs) < 100
+    assert res.lrs[-1] < 1e3
+    assert all(v is None or math.isfinite(v) for v in res.suggestions.values())
+
+
+@pytest.mark.parametrize("k", [1, 3, 30])
+def test_stops_at_nan_and_suggestions_are_never_nan(k):
+    rng = np.random.default_rng(0)
+    values = list(1.0 + 0.1 * rng.random(k)) + [float("nan")] * 5
+    loss = scripted(values)
+    learn = make(loss_func=None, compute_loss=loss)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        res = learn.lr_find(num_it=50, suggest_funcs=SUGGESTIONS)
+    if k < 16:  # too few points for some methods: a clear warning, not an IndexError
+        assert any("needs at least" in str(w.message) for w in caught)
+    assert res.stop_reason == "non-finite loss"
+    assert len(res.lrs) == k + 1
+    assert math.isnan(res.raw_losses[-1]) and math.isnan(res.losses[-1])
+    assert all(math.isfinite(v) for v in res.losses[:-1])
+    assert set(res.suggestions) == set(SUGGESTIONS)
+    for v in res.suggestions.values():
+        assert v is None or (math.isfinite(v) and v > 0)
+    assert all(p.isfinite().all() for p in learn.model.parameters())
+    assert "nan" not in repr(res).lower()
+
+
+def test_inf_loss_stops_too():
+    loss = scripted([1.0, 1.0, 1.0, float("inf"), 1.0])
+    res = make(loss_func=None, compute_loss=loss).lr_find(num_it=5, stop_div=False)
+    assert res.stop_reason == "non-finite loss" and len(res.lrs) == 4
+
+
+# ---- restoring everything --------------------------------------------------------------------
+
+
+def bn_model():
+    return nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Dropout(0.2),
+                         nn.Linear(8, 1))
+
+
+def prepared_learner():
+    """A learner with Adam state, two groups with their own hyper-parameters, a frozen
+    parameter, a submodule in eval mode, a gradient set, a shuffling loader with a generator
+    and seeded global RNGs."""
+    g = torch.Generator().manual_seed(7)
+    dl = loader(shuffle=True, generator=g)
+    model = bn_model()
+    learn = make(model, dl=dl, opt_func=torch.optim.Adam,
+                 splitter=lambda m: [list(m[0].parameters()) + list(m[1].parameters()),
+                                     list(m[4].parameters())])
+    learn.fit(1, lr=[1e-3, 1e-2])
+    g0, g1 = learn.opt.param_groups
+    g0["betas"], g0["weight_decay"], g1["eps"] = (0.8, 0.95), 0.01, 1e-6
+    model[1].eval()  # a submodule in eval mode
+    model[0].bias.requires_grad_(False)
+    model[4].weight.grad = torch.full_like(model[4].weight, 0.5)
+    torch.manual_seed(11)
+    np.random.seed(12)
+    random.seed(13)
+    return learn, g
+
+
+def full_state(learn, g):
+    model = learn.model
+    return {
+        "model": copy.deepcopy(model.state_dict()),  # includes running_mean/var and batches
+        "grads": [None if p.grad is None else p.grad.clone() for p in model.parameters()],
+        "requires_grad": [p.requires_grad for p in model.parameters()],
+        "modes": [m.training for m in model.modules()],
+        "opt": copy.deepcopy(learn.opt.state_dict()),  # state and every group's settings
+        "torch_rng": torch.get_rng_state(),
+        "numpy_rng": np.random.get_state(),
+        "python_rng": random.getstate(),
+        "loader_rng": g.get_state(),
+    }
+
+
+def assert_same_state(before, after):
+    for key in before:
+        assert same(before[key], after[key]), key
+
+
+def test_state_restored_bitwise_after_a_normal_run():
+    learn, g = prepared_learner()
+    before = full_state(learn, g)
+    assert before["model"]["1.num_batches_tracked"].item() == 4
+    assert before["modes"] != [True] * len(before["modes"])
+    res = learn.lr_find(num_it=30, stop_div=False, start_lr=1e-5, end_lr=1e-1)
+    assert len(res.lrs) == 30
+    assert_same_state(before, full_state(learn, g))
+
+
+@pytest.mark.parametrize("exc", [RuntimeError, KeyboardInterrupt])
+def test_state_restored_after_an_exception_inside_the_loss(exc):
+    learn, g = prepared_learner()
+    before = full_state(learn, g)
+    calls = []
+
+    def compute_loss(model, batch):
+        calls.append(1)
+        if len(calls) == 6:
+            raise exc("stop here")
+        return F.mse_loss(model(batch[0]), batch[1])
+
+    learn.loss_func, learn.compute_loss = None, compute_loss
+    with pytest.raises(exc, match="stop here"):
+        learn.lr_find(num_it=30, stop_div=False)
+    assert len(calls) == 6
+    assert_same_state(before, full_state(learn, g))
+
+
+def test_lr_find_then_fit_trains_exactly_like_fit_alone():
+    def build():
+        learn, g = prepared_learner()
+        return learn
+
+    a, b = build(), build()
+    assert same(a.model.state_dict(), b.model.state_dict())
+    rng = torch.get_rng_state()  # dropout draws from it: both fits must start from it
+    a.lr_find(num_it=15)
+    a.fit(2, lr=[1e-3, 1e-2])
+    torch.set_rng_state(rng)
+    b.fit(2, lr=[1e-3, 1e-2])
+    assert same(a.model.state_dict(), b.model.state_dict())
+    assert same(a.opt.state_dict(), b.opt.state_dict())
+    assert a.recorder.losses == b.recorder.losses
+
+
+def test_two_runs_in_a_row_give_identical_curves():
+    learn, _ = prepared_learner()
+    r1 = learn.lr_find(num_it=25)
+    r2 = learn.lr_find(num_it=25)
+    assert r1.lrs == r2.lrs
+    assert r1.raw_losses == r2.raw_losses
+    assert r1.losses == r2.losses
+    assert r1.suggestions == r2.suggestions
+
+
+def test_parameter_groups_keep_their_ratios():
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+    learn = make(model, opt_func=spy_sgd, lr=[1e-3, 1e-2],
+                 splitter=lambda m: [list(m[0].parameters()), list(m[2].parameters())])
+    res = learn.lr_find(num_it=20, stop_div=False, start_lr=1e-5, end_lr=1e-1)
+    assert len(learn.opt.seen) == 20
+    for (lr0, lr1), lr in zip(learn.opt.seen, res.lrs, strict=True):
+        assert lr1 == lr  # the last group follows the grid
+        assert lr0 / lr1 == pytest.approx(0.1, rel=1e-12)
+    assert [g["lr"] for g in learn.opt.param_groups] == [1e-3, 1e-2]
+
+
+def test_standalone_lr_find_restores_model_and_optimizer():
+    torch.manual_seed(0)
+    model = bn_model()
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    dl = loader()
+    for xb, yb in dl:  # some optimizer state first
+        F.mse_loss(model(xb), yb).backward()
+        opt.step()
+        opt.zero_grad()
+    before = (copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict()),
+              [m.training for m in model.modules()], torch.get_rng_state())
+    res = lrfind.lr_find(model, opt, dl, loss_func=F.mse_loss, num_it=20, end_lr=1.0)
+    assert isinstance(res, lrfind.LRFindResult)
+    assert 2 <= len(res.lrs) <= 20
+    after = (model.state_dict(), opt.state_dict(), [m.training for m in model.modules()],
+             torch.get_rng_state())
+    assert same(before, after)
+    assert opt.param_groups[0]["lr"] == 3e-3
+    with pytest.raises(TypeError, match="^optimizer must be a torch.optim.Optimizer"):
+        lrfind.lr_find(model, "adam", dl, loss_func=F.mse_loss)
+
+
+def test_no_files_written(tmp_path, monkeypatch):
+    cwd, tmp = tmp_path / "cwd", tmp_path / "tmp"
+    cwd.mkdir()
+    tmp.mkdir()
+    monkeypatch.chdir(cwd)
+    monkeypatch.setenv("TMPDIR", str(tmp))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    os.chmod(cwd, 0o555)
+    try:
+        learn, _ = prepared_learner()
+        res = learn.lr_find(num_it=20)
+        model = bn_model()
+        lrfind.lr_find(model, torch.optim.SGD(model.parameters(), lr=0.1), loader(),
+                       loss_func=F.mse_loss, num_it=10)
+    finally:
+        os.chmod(cwd, 0o755)
+    assert len(res.lrs) > 0
+    assert os.listdir(cwd) == [] and os.listdir(tmp) == []
+
+
+# ---- the result object -----------------------------------------------------------------------
+
+
+def test_result_object():
+    learn = make()
+    res = learn.lr_find(num_it=40)
+    a, b = res  # the fastai < 2.4 style unpacking keeps working
+    assert len(res) == 2
+    assert res.minimum == a == res[0] == res["minimum"]
+    assert res.steep == b == res[1]
+    assert res.suggestions == {"minimum": a, "steep": b}
+    assert a is not None and b is not None
+    with pytest.raises(AttributeError, match="no suggestion 'valley'"):
+        _ = res.valley
+    r = repr(res)
+    assert r.startswith("LRFindResult(minimum=") and "steep=" in r
+    assert "points=40" in r and "stop_reason='num_it reached'" in r
+    assert learn.recorder.lr_find_result is res
+    assert res.num_it == 40
+
+
+def test_custom_suggestion_function():
+    def middle(lrs, losses):
+        return float(lrs[len(lrs) // 2])
+
+    res = make().lr_find(num_it=30, suggest_funcs=("valley", middle))
+    assert list(res.suggestions) == ["valley", "middle"]
+    assert res.middle > 0
+
+
+def test_plot_headless_one_marker_per_suggestion():
+    from matplotlib.axes import Axes
+
+    learn = make()
+    with pytest.raises(ValueError, match="no range test recorded yet"):
+        learn.recorder.plot_lr_find()
+    res = learn.lr_find(num_it=50, suggest_funcs=("minimum", "steep", "valley"))
+    ax = res.plot()
+    assert isinstance(ax, Axes)
+    n_found = sum(v is not None for v in res.suggestions.values())
+    assert n_found >= 2
+    assert len(ax.lines) == 1 + n_found
+    legend = ax.get_legend()
+    assert legend is not None
+    labels = [t.get_text() for t in legend.get_texts()]
+    assert [lab.split(":")[0] for lab in labels] == [k for k, v in res.suggestions.items()
+                                                      if v is not None]
+    assert ax.get_xscale() == "log"
+    found = [v for v in res.suggestions.values() if v is not None]
+    for line, lr in zip(ax.lines[1:], found, strict=True):
+        assert line.get_xdata()[0] == lr  # the marker sits at the returned LR
+    ax2 = learn.recorder.plot_lr_find()
+    assert isinstance(ax2, Axes) and ax2 is not ax
+    assert len(ax2.lines) == 1 + n_found
+
+
+# ---- bad inputs ------------------------------------------------------------------------------
+
+BAD = [
+    (dict(start_lr=0.0), ValueError, r"^start_lr must be > 0"),
+    (dict(start_lr=-1e-7), ValueError, r"^start_lr must be > 0"),
+    (dict(start_lr=1e-3, end_lr=1e-3), ValueError, r"^end_lr must be > start_lr"),
+    (dict(start_lr=1e-3, end_lr=1e-4), ValueError, r"^end_lr must be > start_lr"),
+    (dict(end_lr=float("nan")), ValueError, r"^end_lr must be a finite number"),
+    (dict(num_it=1), ValueError, r"^num_it must be an integer >= 2, got 1"),
+    (dict(num_it=10.0), ValueError, r"^num_it must be an integer >= 2"),
+    (dict(mode="cubic"), ValueError, r"^mode must be 'exp' or 'linear', got 'cubic'"),
+    (dict(beta=1.0), ValueError, r"^beta must be in \[0, 1\), got 1.0"),
+    (dict(beta=-0.1), ValueError, r"^beta must be in \[0, 1\)"),
+    (dict(div_th=1), ValueError, r"^div_th must be > 1, got 1"),
+    (dict(suggest_funcs=("minimum", "nope")), ValueError, r"^unknown suggestion 'nope'"),
+    (dict(suggest_funcs=(3,)), TypeError, r"^suggest_funcs must hold names or functions"),
+]
+
+
+@pytest.mark.parametrize(("kwargs", "exc", "match"), BAD)
+def test_bad_inputs_raise_before_anything_changes(kwargs, exc, match):
+    learn, g = prepared_learner()
+    before = full_state(learn, g)
+    with pytest.raises(exc, match=match):
+        learn.lr_find(**kwargs)
+    assert_same_state(before, full_state(learn, g))
+    assert learn.recorder.lr_find_result is None
+    model = bn_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(exc, match=match):
+        lrfind.lr_find(model, opt, loader(), loss_func=F.mse_loss, **kwargs)
+
+
+def test_empty_loader_raises():
+    model = nn.Linear(4, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    empty = DataLoader(TensorDataset(torch.zeros(0, 4), torch.zeros(0, 1)), batch_size=4)
+    w = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match="^train_dl is empty"):
+        lrfind.lr_find(model, opt, empty, loss_func=F.mse_loss)
+    assert same(w, model.state_dict())
+
+
+def test_non_scalar_loss_raises_and_restores():
+    learn, g = prepared_learner()
+    before = full_state(learn, g)
+    learn.loss_func = lambda p, y: (p - y) ** 2
+    with pytest.raises(ValueError, match=r"the loss must be a scalar, got shape \(16, 1\)"):
+        learn.lr_find(num_it=10)
+    assert_same_state(before, full_state(learn, g))
+
+
+# ---- lr_max="auto" ---------------------------------------------------------------------------
+
+
+def test_fit_one_cycle_auto_uses_the_auto_suggestion():
+    learn = make(opt_func=spy_sgd)
+    learn.fit_one_cycle(2, "auto")
+    res = learn.recorder.lr_find_result
+    assert res is not None and list(res.suggestions) == ["auto"]
+    assert res.auto is not None and res.auto > 0
+    n = len(learn.recorder.lrs)
+    assert n == 8
+    assert learn.recorder.lrs[0] == res.auto / 25  # first step: lr_max / div
+    assert learn.recorder.lrs[-1] == res.auto / 1e5
+    assert learn.opt.seen[-n:] == [[v] for v in learn.recorder.lrs]
