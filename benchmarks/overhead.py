@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -116,15 +115,15 @@ def overhead_rows(pairs: int, epochs: int, num_it: int) -> list[tuple]:
     """One row per (task, loop): task, loop, lrfind us, raw us, ratio."""
     rows = []
     for name, task in TASKS.items():
-        _, dl, _, loss_func = task(0)
+        _, dl, _, loss = task(0)
 
-        def model() -> nn.Module:
-            return task(0)[0]
+        def run(loop: Callable, *args: object, task=task, dl=dl, loss=loss) -> float:
+            return loop(task(0)[0], dl, loss, *args)  # a fresh model for every run
 
-        rf = ratio(lambda: lrfind_one_cycle(model(), dl, loss_func, epochs, 3e-3),
-                   lambda: raw_one_cycle(model(), dl, loss_func, epochs, 3e-3), pairs)
-        rl = ratio(lambda: lrfind_range_test(model(), dl, loss_func, num_it),
-                   lambda: raw_range_test(model(), dl, loss_func, num_it), pairs)
+        rf = ratio(lambda: run(lrfind_one_cycle, epochs, 3e-3),
+                   lambda: run(raw_one_cycle, epochs, 3e-3), pairs)
+        rl = ratio(lambda: run(lrfind_range_test, num_it), lambda: run(raw_range_test, num_it),
+                   pairs)
         rows.append((name, "fit_one_cycle / raw OneCycleLR loop", rf[1] * 1e6, rf[2] * 1e6,
                      rf[0]))
         rows.append((name, "lr_find / raw range-test loop", rl[1] * 1e6, rl[2] * 1e6, rl[0]))

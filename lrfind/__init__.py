@@ -10,18 +10,19 @@ from .callback import (
     ParamScheduler,
     TorchScheduler,
 )
+from .checkpoint import Checkpoint, EarlyStopping, SaveBest
 from .finder import LRFindResult, lr_find
 from .learner import Learner
 from .metrics import accuracy, error_rate
-from .checkpoint import Checkpoint, EarlyStopping, SaveBest
 from .recorder import Recorder
 from .suggest import SUGGESTIONS, auto, minimum, slide, steep, valley
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Callback", "CancelBatchException", "Checkpoint", "EarlyStopping", "SaveBest", "CancelEpochException", "CancelFitException",
-    "CancelStepException", "LRFindResult", "Learner", "ParamScheduler", "Recorder",
+    "Callback", "CancelBatchException", "CancelEpochException", "CancelFitException",
+    "CancelStepException", "Checkpoint", "EarlyStopping", "LRFindResult", "Learner",
+    "ParamScheduler", "Recorder", "SaveBest",
     "SUGGESTIONS", "TorchScheduler", "accuracy", "auto", "error_rate", "lr_find", "minimum",
     "schedules", "slide", "steep", "valley",
 ]

@@ -55,7 +55,7 @@ class CancelFitException(Exception):
 
 
 class Callback:
-    """Base class: every event is a no-op method ``event(self, learn)``; lower ``order`` runs first."""
+    """Base class: each event is a no-op method ``event(self, learn)``; lower ``order`` first."""
 
     order: int = 0
 

@@ -323,8 +323,8 @@ class Learner:
         with self._with_cbs(cbs, only):
             try:
                 self._event("before_fit")
-                for self.epoch in range(self.epoch, n_epoch):
-                    self.valid_result = None
+                for epoch in range(self.epoch, n_epoch):
+                    self.epoch, self.valid_result = epoch, None
                     try:
                         self._event("before_epoch")
                         self._train_epoch()

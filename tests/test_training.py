@@ -14,7 +14,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
 import lrfind
 from lrfind import Callback, Checkpoint, EarlyStopping, SaveBest
@@ -109,7 +108,8 @@ def test_resume_after_sigkill_in_new_process(tmp_path):
                 if learn.epoch == 1:
                     os.kill(os.getpid(), signal.SIGKILL)
         cbs = [lrfind.Checkpoint(out + "/ck.pt")] + ([Kill()] if mode == "kill" else [])
-        learn.fit_one_cycle(4, 1e-2, cbs=cbs, resume_from=out + "/ck.pt" if mode == "resume" else None)
+        resume = out + "/ck.pt" if mode == "resume" else None
+        learn.fit_one_cycle(4, 1e-2, cbs=cbs, resume_from=resume)
         torch.save(learn.model.state_dict(), out + "/final-" + mode + ".pt")
     """))
     env = {**os.environ, "PYTHONPATH": ROOT}
