@@ -154,7 +154,7 @@ class Learner:
             torch.autocast, device_type=self.device.type, dtype=dtype)
         self.scaler = torch.amp.GradScaler(self.device.type) if precision == "fp16" else None
         self.ddp = None
-        if self.world_size > 1:
+        if self.world_size > 1 and not _sharded(model):
             from torch.nn.parallel import DistributedDataParallel
 
             self.ddp = DistributedDataParallel(
@@ -607,6 +607,17 @@ def _init_distributed(device: torch.device) -> tuple[int, int]:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         atexit.register(_close_distributed)
     return dist.get_world_size(), dist.get_rank()
+
+
+def _sharded(model: nn.Module) -> bool:
+    """True for a model the user already wrapped for data parallelism (DDP or FSDP)."""
+    from torch.distributed import fsdp
+    from torch.nn.parallel import DistributedDataParallel
+
+    kinds = [DistributedDataParallel, *(getattr(fsdp, name) for name in
+                                        ("FullyShardedDataParallel", "FSDPModule")
+                                        if hasattr(fsdp, name))]
+    return isinstance(model, tuple(kinds))
 
 
 def _close_distributed() -> None:

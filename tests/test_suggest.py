@@ -1,0 +1,232 @@
+"""Suggestion functions: golden values on synthetic curves, bad input, and properties."""
+
+import warnings
+
+import numpy as np
+import pytest
+
+from lrfind.suggest import (
+    SUGGESTIONS,
+    auto,
+    minimum,
+    slide,
+    steep,
+    suggestion_input,
+    valley,
+)
+
+X = np.linspace(-6, 0, 76)  # log10(lr), 0.08 decade apart
+LRS = 10**X
+# falls around lr = 1e-3 (tanh centre), bottoms out near 0.04, blows up past 0.1
+DROP = 1 - 0.5 * np.tanh(2 * (X + 3)) + 0.05 * np.exp(4 * (X + 0.5))
+
+
+def _log(v):
+    return float(np.log10(v))
+
+
+# ---- suggestion_input ------------------------------------------------------------------------
+def test_input_skips_num_it_over_10_and_5():
+    lrs, losses = suggestion_input(np.arange(100.0), np.arange(100.0), num_it=100)
+    assert lrs[0] == 10 and lrs[-1] == 94 and len(lrs) == 85
+    assert np.array_equal(lrs, losses)
+
+
+def test_input_cuts_at_first_non_finite():
+    losses = np.arange(100.0)
+    losses[60] = np.nan
+    losses[80] = np.inf
+    lrs, out = suggestion_input(np.arange(100.0), losses, num_it=100)
+    assert lrs[0] == 10 and lrs[-1] == 54  # cut at 60, then 5 skipped
+    assert np.isfinite(out).all()
+
+
+@pytest.mark.parametrize("n, expected", [(12, (3, 9)), (20, (5, 15)), (3, (0, 3)), (40, (10, 35))])
+def test_input_short_runs_keep_at_least_half(n, expected):
+    lrs, _ = suggestion_input(np.arange(float(n)), np.ones(n), num_it=100)
+    assert (int(lrs[0]), int(lrs[-1]) + 1) == expected
+    assert len(lrs) >= n / 2
+
+
+def test_input_empty_and_all_nan():
+    assert len(suggestion_input(np.array([]), np.array([]), 100)[0]) == 0
+    assert len(suggestion_input(np.ones(50), np.full(50, np.nan), 100)[0]) == 0
+
+
+def test_input_checks_args():
+    with pytest.raises(ValueError, match="differ in length"):
+        suggestion_input(np.ones(3), np.ones(4), 100)
+    with pytest.raises(ValueError, match="num_it.*-1"):
+        suggestion_input(np.ones(3), np.ones(3), -1)
+
+
+# ---- golden values ---------------------------------------------------------------------------
+def test_minimum_of_a_bowl_is_its_bottom_over_10():
+    x = np.linspace(-5, 0, 51)
+    assert minimum(10**x, 1 + (x + 2) ** 2) == pytest.approx(1e-3)
+
+
+def test_minimum_takes_the_centre_of_a_flat_bottom():
+    x = np.linspace(-5, 0, 51)
+    losses = np.where(np.abs(x + 2) <= 0.5, 0.0, (np.abs(x + 2) - 0.5) ** 2)
+    assert _log(minimum(10**x, losses)) == pytest.approx(-3, abs=0.05)
+
+
+def test_steep_finds_the_middle_of_the_descent():
+    assert _log(steep(LRS, DROP)) == pytest.approx(-3, abs=0.1)
+
+
+def test_steep_ignores_noise_before_the_descent():
+    rng = np.random.default_rng(0)
+    noisy = DROP + np.where(X < -4.5, 0.05 * rng.standard_normal(len(X)), 0.0)
+    assert _log(steep(LRS, noisy)) == pytest.approx(-3, abs=0.15)
+
+
+def test_valley_on_a_v_shape():
+    losses = np.r_[np.arange(10.0, 0, -1), np.arange(2.0, 8)]  # 10..1 then up
+    lrs = np.arange(1.0, len(losses) + 1)
+    # longest decreasing run: length 10 ending at index 9; 9 - 10 + int(10/3) + int(10/6) = 3
+    assert valley(lrs, losses) == 4.0
+
+
+def test_slide_golden():
+    i = np.arange(50.0)
+    flat_then_quadratic = np.where(i < 29, 1.0, 1 + 0.02 * (i - 29) ** 2)
+    # slopes differ by > 0.005 across 15 points until the right end reaches index 28
+    assert slide(i + 1, flat_then_quadratic) == 14.0
+
+
+def test_slide_returns_first_lr_when_no_window_is_flat():
+    i = np.arange(30.0)
+    assert slide(i + 1, 0.01 * i**3) == 1.0
+
+
+def test_auto_is_geometric_mean_of_half_drop_and_minimum():
+    half = -3.0  # the tanh is halfway down at its centre
+    assert _log(auto(LRS, DROP)) == pytest.approx((half + _log(minimum(LRS, DROP))) / 2, abs=0.05)
+    assert _log(minimum(LRS, DROP)) < _log(auto(LRS, DROP)) + 1 < 0  # below the blow-up
+
+
+def test_registry():
+    assert SUGGESTIONS == {
+        "minimum": minimum, "steep": steep, "valley": valley, "slide": slide, "auto": auto
+    }
+
+
+# ---- bad input -------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", list(SUGGESTIONS))
+@pytest.mark.parametrize("n", [0, 1, 2])
+def test_too_short_returns_none_with_warning(name, n):
+    with pytest.warns(UserWarning, match=f"{name}: needs at least"):
+        assert SUGGESTIONS[name](LRS[:n], DROP[:n]) is None
+
+
+def test_slide_needs_16_points():
+    with pytest.warns(UserWarning, match="at least 16"):
+        assert slide(LRS[:15], DROP[:15]) is None
+
+
+@pytest.mark.parametrize("name", list(SUGGESTIONS))
+def test_nan_never_becomes_the_answer(name):
+    losses = DROP.copy()
+    losses[60:] = np.nan  # a NaN past the minimum: cut there
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        value = SUGGESTIONS[name](LRS, losses)
+    assert value is not None and np.isfinite(value) and value <= LRS[59]
+
+
+@pytest.mark.parametrize("name", list(SUGGESTIONS))
+def test_leading_nan_gives_none_not_an_error(name):
+    losses = DROP.copy()
+    losses[0] = np.nan
+    with pytest.warns(UserWarning):
+        assert SUGGESTIONS[name](LRS, losses) is None
+
+
+@pytest.mark.parametrize("name", ["steep", "auto"])
+def test_flat_curve_gives_none_for_descent_rules(name):
+    with pytest.warns(UserWarning, match="never fell"):
+        assert SUGGESTIONS[name](LRS, np.ones_like(LRS)) is None
+
+
+@pytest.mark.parametrize("name", ["minimum", "valley", "slide"])
+def test_flat_curve_still_finite_for_the_others(name):
+    value = SUGGESTIONS[name](LRS, np.ones_like(LRS))
+    assert np.isfinite(value) and LRS[0] / 10 <= value <= LRS[-1]
+
+
+def test_mismatched_lengths_raise():
+    with pytest.raises(ValueError, match="differ in length"):
+        minimum(LRS, DROP[:-1])
+
+
+# ---- properties ------------------------------------------------------------------------------
+def _noisy_curves(count=8):
+    rng = np.random.default_rng(1)
+    for _ in range(count):
+        shift = rng.uniform(-1, 1)
+        x = X + shift
+        yield 10**x, DROP + 0.01 * rng.standard_normal(len(X)), shift
+
+
+@pytest.mark.parametrize("name", list(SUGGESTIONS))
+def test_answers_are_finite_and_in_range(name):
+    for lrs, losses, _ in _noisy_curves():
+        value = SUGGESTIONS[name](lrs, losses)
+        assert np.isfinite(value) and lrs[0] / 10 <= value <= lrs[-1]
+
+
+@pytest.mark.parametrize("name", list(SUGGESTIONS))
+def test_scaling_lrs_scales_the_answer(name):
+    for lrs, losses, _ in _noisy_curves(3):
+        expected = 7 * SUGGESTIONS[name](lrs, losses)
+        assert SUGGESTIONS[name](lrs * 7.0, losses) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("name", ["minimum", "steep", "valley", "auto"])
+def test_affine_loss_change_keeps_the_answer(name):
+    # slide is the exception: its 0.005 threshold is in absolute loss units
+    for lrs, losses, _ in _noisy_curves(3):
+        expected = SUGGESTIONS[name](lrs, losses)
+        assert SUGGESTIONS[name](lrs, 3 * losses - 2) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("name", ["minimum", "steep", "auto"])
+def test_answers_follow_a_shifted_curve(name):
+    base = _log(SUGGESTIONS[name](LRS, DROP))
+    for lrs, losses, shift in _noisy_curves():
+        assert _log(SUGGESTIONS[name](lrs, losses)) == pytest.approx(base + shift, abs=0.2)
+
+
+def test_robust_minimum_is_steadier_than_argmin():
+    # a wide flat bottom with noise: the argmin wanders, the centre of the bottom does not
+    rng = np.random.default_rng(2)
+    x = np.linspace(-5, 0, 63)
+    base = np.where(np.abs(x + 2) <= 0.6, 0.0, (np.abs(x + 2) - 0.6) ** 2)
+    ours, naive = [], []
+    for _ in range(20):
+        losses = base + 0.02 * rng.standard_normal(len(x))
+        ours.append(_log(minimum(10**x, losses)))
+        naive.append(x[np.argmin(losses)] - 1)
+    assert np.std(ours) < 0.5 * np.std(naive)
+    assert np.median(ours) == pytest.approx(-3, abs=0.15)
+
+
+def test_local_linear_matches_polyfit_oracle():
+    from lrfind.suggest import _local_linear
+
+    rng = np.random.default_rng(3)
+    x = np.sort(rng.uniform(-7, 1, 60))
+    y = np.sin(x) + 0.1 * rng.standard_normal(60)
+    value, slope = _local_linear(x, y, 0.5)
+    for i in range(0, 60, 7):
+        inside = np.abs(x - x[i]) <= 0.5
+        b, a = np.polyfit(x[inside], y[inside], 1)
+        assert slope[i] == pytest.approx(b, abs=1e-9)
+        assert value[i] == pytest.approx(a + b * x[i], abs=1e-9)
+
+
+def test_long_runs_are_fast():
+    x = np.linspace(-7, 1, 20_000)
+    assert np.isfinite(auto(10**x, 1 - 0.5 * np.tanh(2 * (x + 3)) + 0.05 * np.exp(4 * x)))
