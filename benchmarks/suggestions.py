@@ -6,10 +6,10 @@ loss averaged over 3 seeds) and on a log grid of LRs (4 per decade, 1e-4..1). Th
 
     regret = (L(method) - L(best grid LR)) / (L(untrained) - L(best grid LR))
 
-Besides lrfind's methods it scores fastai's naive ``minimum`` (argmin / 10 of the raw
-smoothed curve) and ``steep`` (forward differences); lrfind's ``valley`` and ``slide`` are
-fastai's rules as they are. Run ``python benchmarks/suggestions.py [--quick]``; it prints a
-markdown table. ``find`` and ``train_eval`` are the only two places that call the library.
+``benchmarks/run.py`` adds the anchors' methods (fastai, torch-lr-finder, Lightning) through
+``study(quick, extra)``. Run ``python benchmarks/suggestions.py [--quick] [--num-it N]`` for
+lrfind's methods alone; it prints a markdown table. ``find`` and ``train_eval`` are the only
+two places that call the library.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import math
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -34,29 +35,11 @@ import lrfind  # noqa: E402
 METHODS = ("minimum", "steep", "valley", "slide", "auto")
 
 
-def naive_minimum(lrs: np.ndarray, losses: np.ndarray) -> float | None:
-    """fastai's minimum as written: lrs[argmin(losses)] / 10 on the unsmoothed-in-lr curve."""
-    return float(lrs[int(np.argmin(losses))] / 10) if len(losses) else None
-
-
-def naive_steep(lrs: np.ndarray, losses: np.ndarray) -> float | None:
-    """fastai's steep as written: most negative forward difference of loss vs log(lr)."""
-    if len(losses) < 2:
-        return None
-    grads = np.diff(losses) / np.diff(np.log(lrs))
-    return float(lrs[int(np.argmin(grads))])
-
-
-def find(task: str, seed: int) -> dict[str, float | None]:
-    """Range test on a fresh ``task(seed)``; return every suggestion by name."""
+def find(task: str, seed: int, num_it: int = 100) -> dict[str, float | None]:
+    """Range test of ``num_it`` steps on a fresh ``task(seed)``; every suggestion by name."""
     model, train_dl, valid_dl, loss_func = TASKS[task](seed)
     learn = lrfind.Learner(model, train_dl, valid_dl, loss_func=loss_func, progress=False)
-    funcs = (*METHODS, naive_minimum, naive_steep)
-    res = learn.lr_find(suggest_funcs=funcs, show_plot=False)
-    out = dict(res.suggestions)
-    out["fastai_minimum"] = out.pop("naive_minimum")
-    out["fastai_steep"] = out.pop("naive_steep")
-    return out
+    return learn.lr_find(num_it=num_it, suggest_funcs=METHODS, show_plot=False).suggestions
 
 
 def train_eval(task: str, seed: int, lr_max: float | None) -> float:
@@ -69,42 +52,86 @@ def train_eval(task: str, seed: int, lr_max: float | None) -> float:
     return loss if math.isfinite(loss) else math.inf
 
 
-def _mean_loss(task: str, lr: float | None, seeds: range, cache: dict) -> float:
-    """Valid loss averaged over ``seeds``, memoised per (task, lr)."""
-    key = (task, None if lr is None else round(math.log10(lr), 6))
-    if key not in cache:
-        cache[key] = float(np.mean([train_eval(task, s, lr) for s in seeds]))
-    return cache[key]
+LOSSES: dict = {}  # (task, log10 lr, seeds) -> mean valid loss, shared by every study
 
 
-def run(tasks: list[str], find_seeds: range, train_seeds: range, grid: np.ndarray) -> list[str]:
-    """Score every method on every task; return the markdown table lines."""
-    lines = ["| task | method | median lr | std log10 | regret % |", "|---|---|---|---|---|"]
-    best_lines = ["", "| task | best grid lr | L(best) | L(untrained) |", "|---|---|---|---|"]
-    cache: dict = {}
+def _mean_loss(task: str, lr: float | None, seeds: range) -> float:
+    """Valid loss averaged over ``seeds``, memoised per (task, lr, seeds)."""
+    key = (task, None if lr is None else round(math.log10(lr), 6), len(seeds))
+    if key not in LOSSES:
+        LOSSES[key] = float(np.mean([train_eval(task, s, lr) for s in seeds]))
+    return LOSSES[key]
+
+
+Method = Callable[[str, int], "float | None"]
+
+
+def score(tasks: list[str], methods: dict[str, Method], find_seeds: range, train_seeds: range,
+          grid: np.ndarray) -> tuple[dict, dict]:
+    """Per (method, task): (median lr, std of log10, regret); per task: (best lr, L best, L0)."""
+    scores, best = {}, {}
     for task in tasks:
         t0 = time.time()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            found = [find(task, s) for s in find_seeds]
-        untrained = _mean_loss(task, None, train_seeds, cache)
-        losses = [_mean_loss(task, lr, train_seeds, cache) for lr in grid]
+            found = {name: [f(task, s) for s in find_seeds] for name, f in methods.items()}
+        untrained = _mean_loss(task, None, train_seeds)
+        losses = [_mean_loss(task, lr, train_seeds) for lr in grid]
         i_best = int(np.argmin(losses))
-        best = losses[i_best]
-        for method in found[0]:
-            values = [f[method] for f in found if f[method] is not None]
-            if not values:
-                lines.append(f"| {task} | {method} | none | - | - |")
+        best[task] = (float(grid[i_best]), losses[i_best], untrained)
+        for name, values in found.items():
+            logs = np.log10([v for v in values if v is not None and v > 0 and math.isfinite(v)])
+            if len(logs) < len(values):  # a method that gives up on a seed is not stable
+                scores[name, task] = None
                 continue
-            logs = np.log10(values)
             lr = float(10 ** np.median(logs))
-            regret = (_mean_loss(task, lr, train_seeds, cache) - best) / (untrained - best)
-            missing = f" ({len(found) - len(values)} none)" if len(values) < len(found) else ""
-            lines.append(f"| {task} | {method} | {lr:.3g}{missing} | {logs.std():.2f} "
-                         f"| {100 * regret:.1f} |")
-        best_lines.append(f"| {task} | {grid[i_best]:.3g} | {best:.4f} | {untrained:.4f} |")
+            loss = _mean_loss(task, lr, train_seeds)
+            scores[name, task] = (lr, float(logs.std()), (loss - losses[i_best]) /
+                                  (untrained - losses[i_best]))
         print(f"{task}: {time.time() - t0:.0f}s", file=sys.stderr, flush=True)
-    return lines + best_lines
+    return scores, best
+
+
+def table(tasks: list[str], methods: list[str], scores: dict, best: dict) -> list[str]:
+    """Markdown: one row per method, one cell per task ("median lr, std, regret %"), summary."""
+    lines = ["| method | " + " | ".join(tasks) + " | worst std | mean regret | worst regret |",
+             "|---|" + "---|" * (len(tasks) + 3)]
+    for name in methods:
+        cells = [scores[name, t] for t in tasks]
+        text = ["gave none" if c is None else f"{c[0]:.2g}, {c[1]:.2f}, {100 * c[2]:.0f}%"
+                for c in cells]
+        if any(c is None for c in cells):
+            summary = ["-", "-", "-"]
+        else:
+            regrets = [100 * c[2] for c in cells]
+            summary = [f"{max(c[1] for c in cells):.2f}", f"{np.mean(regrets):.1f}%",
+                       f"{max(regrets):.1f}%"]
+        lines.append(f"| {name} | " + " | ".join(text + summary) + " |")
+    lines.append("| best grid lr | " + " | ".join(f"{best[t][0]:.2g}" for t in tasks)
+                 + " | | | |")
+    return lines
+
+
+def study(quick: bool, extra: dict[str, Method] | None = None, num_it: int = 100,
+          tasks: list[str] | None = None) -> list[str]:
+    """The markdown table for lrfind's methods plus ``extra`` ones, same seeds, grid, regret."""
+    tasks = list(TASKS) if tasks is None else tasks
+    per_decade = 2 if quick else 4
+    grid = 10.0 ** (np.arange(-4 * per_decade, 1) / per_decade)  # 1e-4 .. 1
+    find_seeds, train_seeds = (range(3), range(1)) if quick else (range(5), range(3))
+    runs: dict = {}
+
+    def ours(name: str) -> Method:
+        def suggest(task: str, seed: int) -> float | None:
+            if (task, seed) not in runs:
+                runs[task, seed] = find(task, seed, num_it)
+            return runs[task, seed][name]
+        return suggest
+
+    methods = {f"lrfind {m}": ours(m) for m in METHODS}
+    methods.update(extra or {})
+    scores, best = score(tasks, methods, find_seeds, train_seeds, grid)
+    return table(tasks, list(methods), scores, best)
 
 
 def main() -> None:
@@ -113,12 +140,10 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true",
                         help="3 finder seeds, 1 training seed, 2 grid points per decade")
     parser.add_argument("--tasks", nargs="*", default=list(TASKS), choices=list(TASKS))
+    parser.add_argument("--num-it", type=int, default=100, help="range-test length")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    per_decade = 2 if args.quick else 4
-    grid = 10.0 ** (np.arange(-4 * per_decade, 1) / per_decade)  # 1e-4 .. 1
-    find_seeds, train_seeds = (range(3), range(1)) if args.quick else (range(5), range(3))
-    print("\n".join(run(args.tasks, find_seeds, train_seeds, grid)))
+    print("\n".join(study(args.quick, num_it=args.num_it, tasks=args.tasks)))
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__, schedules
-from .learner import Learner
+from .learner import AUTO_NUM_IT, Learner
 from .progress import ProgressCallback, format_row
 from .suggest import SUGGESTIONS
 
@@ -177,7 +177,7 @@ def _fit(learn: Learner, epochs: int, lr: float | str, pct_start: float, quiet: 
     res = None
     if isinstance(lr, str):
         names = tuple(dict.fromkeys(("minimum", "steep", "valley", lr)))  # lr last, once
-        res = learn.lr_find(suggest_funcs=names, show_plot=False)
+        res = learn.lr_find(num_it=AUTO_NUM_IT, suggest_funcs=names, show_plot=False)
         _print_suggestions(res)
         if res[lr] is None:
             raise RuntimeError(f"the range test gave no {lr!r} suggestion (see its warning)")
