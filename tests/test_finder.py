@@ -170,7 +170,8 @@ def test_stops_when_smoothed_loss_exceeds_div_th_times_best():
 
 def test_div_th_changes_the_threshold():
     loss = scripted([2.0, 1.0, 1.5, 2.5, 1.0, 1.0])
-    res = make(loss_func=None, compute_loss=loss).lr_find(num_it=6, beta=0.0, div_th=2.0)
+    with pytest.warns(UserWarning, match="steep: needs at least 5"):  # 3 points to read
+        res = make(loss_func=None, compute_loss=loss).lr_find(num_it=6, beta=0.0, div_th=2.0)
     assert res.stop_reason == "diverged" and len(res.lrs) == 4
     loss = scripted([2.0, 1.0, 1.5, 2.5, 1.0, 1.0])
     res = make(loss_func=None, compute_loss=loss).lr_find(num_it=6, beta=0.0, stop_div=False)
@@ -222,7 +223,8 @@ def test_stops_at_nan_and_suggestions_are_never_nan(k):
 
 def test_inf_loss_stops_too():
     loss = scripted([1.0, 1.0, 1.0, float("inf"), 1.0])
-    res = make(loss_func=None, compute_loss=loss).lr_find(num_it=5, stop_div=False)
+    with pytest.warns(UserWarning, match="needs at least"):  # too few points before inf
+        res = make(loss_func=None, compute_loss=loss).lr_find(num_it=5, stop_div=False)
     assert res.stop_reason == "non-finite loss" and len(res.lrs) == 4
 
 
