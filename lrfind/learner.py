@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import functools
 import math
@@ -23,6 +22,7 @@ from .callback import (
     CancelStepException,
     ParamScheduler,
 )
+from .distributed import distributed_loader, init_distributed, is_sharded
 from .metrics import metric_name
 from .progress import ProgressCallback
 from .recorder import Recorder
@@ -140,7 +140,7 @@ class Learner:
         else:
             first = next(iter(model.parameters()), None)
             self.device = first.device if first is not None else torch.device("cpu")
-        self.world_size, self.rank = _init_distributed(self.device)
+        self.world_size, self.rank = init_distributed(self.device)
         if self.world_size > 1 and self.device.type == "cuda":
             self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         model = model.to(self.device)
@@ -157,14 +157,13 @@ class Learner:
             torch.autocast, device_type=self.device.type, dtype=dtype)
         self.scaler = torch.amp.GradScaler(self.device.type) if precision == "fp16" else None
         self.ddp = None
-        if self.world_size > 1 and not _sharded(model):
+        if self.world_size > 1 and not is_sharded(model):
             from torch.nn.parallel import DistributedDataParallel
 
             self.ddp = DistributedDataParallel(
                 model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-            train_dl = _distributed_loader(train_dl, self.world_size, self.rank)
+            train_dl = distributed_loader(train_dl, self.world_size, self.rank)
         self.train_model = model if self.ddp is None else self.ddp  # what training calls
-        self._nullcontext = contextlib.nullcontext
         self.model, self.train_dl, self.valid_dl = model, train_dl, valid_dl
         self.loss_func, self.compute_loss, self.metrics = loss_func, compute_loss, metrics
         self.metric_names = [metric_name(m) for m in metrics]
@@ -273,7 +272,7 @@ class Learner:
                 self.batch = to_device(batch, self.device)
                 self._event("before_batch")
                 # DDP: gradients are averaged across processes only on the stepping batch.
-                with (self._nullcontext() if stepping or self.ddp is None
+                with (contextlib.nullcontext() if stepping or self.ddp is None
                       else self.ddp.no_sync()):
                     with self._autocast():
                         self.loss = self._loss(self.batch, self.train_model)
@@ -593,58 +592,3 @@ def check_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     if missing or unexpected or shapes:
         raise ValueError(f"checkpoint does not match the model: missing keys {missing[:5]}, "
                          f"unexpected keys {unexpected[:5]}, shape mismatches {shapes[:5]}")
-
-
-def _init_distributed(device: torch.device) -> tuple[int, int]:
-    """Start the process group when torchrun asks for one; return (world size, rank).
-
-    A group the user started is used as it is and left alone; one started here is closed at
-    exit, after a barrier (without it a rank can abort while another still talks to it).
-    """
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return 1, 0
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        if device.type == "cuda":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        atexit.register(_close_distributed)
-    return dist.get_world_size(), dist.get_rank()
-
-
-def _sharded(model: nn.Module) -> bool:
-    """True for a model the user already wrapped for data parallelism (DDP or FSDP)."""
-    from torch.distributed import fsdp
-    from torch.nn.parallel import DistributedDataParallel
-
-    kinds = [DistributedDataParallel, *(getattr(fsdp, name) for name in
-                                        ("FullyShardedDataParallel", "FSDPModule")
-                                        if hasattr(fsdp, name))]
-    return isinstance(model, tuple(kinds))
-
-
-def _close_distributed() -> None:
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-
-
-def _distributed_loader(dl: Any, world_size: int, rank: int) -> Any:
-    """``dl`` with a DistributedSampler (same batch size per process) unless it has one."""
-    import torch.distributed as dist
-    from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
-
-    if not isinstance(dl, DataLoader) or isinstance(dl.sampler, DistributedSampler):
-        return dl
-    seed = [dl.generator.initial_seed() if dl.generator is not None else torch.initial_seed()]
-    dist.broadcast_object_list(seed, src=0)  # every process must shuffle alike
-    sampler = DistributedSampler(dl.dataset, world_size, rank,
-                                 shuffle=isinstance(dl.sampler, RandomSampler),
-                                 seed=seed[0] % 2**63, drop_last=dl.drop_last)
-    return DataLoader(dl.dataset, batch_size=dl.batch_size, sampler=sampler,
-                      num_workers=dl.num_workers, collate_fn=dl.collate_fn,
-                      pin_memory=dl.pin_memory, drop_last=dl.drop_last,
-                      worker_init_fn=dl.worker_init_fn, persistent_workers=dl.persistent_workers)
