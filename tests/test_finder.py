@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import same
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -70,19 +71,6 @@ def scripted(values):
 
     compute_loss.calls = calls
     return compute_loss
-
-
-def same(a, b):
-    if isinstance(a, torch.Tensor):
-        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
-    if isinstance(a, np.ndarray):
-        return isinstance(b, np.ndarray) and np.array_equal(a, b)
-    if isinstance(a, dict):
-        return isinstance(b, dict) and a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return (type(a) is type(b) and len(a) == len(b)
-                and all(same(x, y) for x, y in zip(a, b, strict=True)))
-    return a == b
 
 
 # ---- the grid --------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ import matplotlib
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import same
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
@@ -86,18 +87,6 @@ class SpyAdam(torch.optim.Adam):
 
 def sgd_mom(params, lr=1e-3):
     return SpySGD(params, lr=lr, momentum=0.9)
-
-
-def same(a, b):
-    """Bitwise equality of nested state dicts."""
-    if isinstance(a, torch.Tensor):
-        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
-    if isinstance(a, dict):
-        return isinstance(b, dict) and a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return (type(a) is type(b) and len(a) == len(b)
-                and all(same(x, y) for x, y in zip(a, b, strict=True)))
-    return a == b
 
 
 def snapshot(learn):
