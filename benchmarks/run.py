@@ -229,12 +229,13 @@ def import_section(runs: int) -> str:
 class AnchorSuggestions:
     """The anchors' suggestions per (task, seed), memoised: one range test per anchor, task, seed.
 
-    Every range test uses the adapters' settings: 1e-7 to 10 over 100 iterations with AdamW,
-    each anchor's own stop rule and suggestion code. A crash is kept as an error (suggestions
-    None) so the study goes on.
+    Every range test uses the adapters' settings: 1e-7 to 10 over ``num_it`` iterations with
+    AdamW, each anchor's own stop rule and suggestion code. A crash is kept as an error
+    (suggestions None) so the study goes on.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, num_it: int) -> None:
+        self.num_it = num_it
         self.runs: dict[tuple[str, str, int], dict] = {}
 
     def run(self, anchor: str, task: str, seed: int) -> dict:
@@ -243,7 +244,7 @@ class AnchorSuggestions:
             model, train_dl, valid_dl, loss_func = tasks.TASKS[task](seed)
             try:
                 self.runs[key] = FINDERS[anchor](lambda: model, train_dl, valid_dl, loss_func,
-                                                 seed=seed)
+                                                 seed=seed, num_it=self.num_it)
             except Exception as e:
                 self.runs[key] = {"suggestions": {}, "error": _error(e)}
         return self.runs[key]
@@ -281,16 +282,16 @@ class AnchorSuggestions:
 
 
 def suggestion_section(quick: bool) -> str:
-    """``suggestions.study`` (lrfind's methods) with every installed anchor's methods added."""
+    """``suggestions.study``: lrfind's and every installed anchor's methods, 100 and 300 steps."""
     import suggestions
 
-    cache = AnchorSuggestions()
-    notes = [f"- {a}: not installed, skipped." for a in ANCHOR_METHODS if not installed(a)]
-    lines = suggestions.study(quick, extra=cache.methods())
-    longer = suggestions.study(quick, num_it=AUTO_NUM_IT)
-    return "\n".join(lines + ["", *cache.notes(), *notes, "",
-                                f"lrfind alone with a {AUTO_NUM_IT}-step range test (what "
-                                "`fit_one_cycle(lr_max=\"auto\")` runs):", "", *longer])
+    out = [f"- {a}: not installed, skipped." for a in ANCHOR_METHODS if not installed(a)]
+    for num_it, title in ((100, "every tool's default"),
+                          (AUTO_NUM_IT, "what `fit_one_cycle(lr_max=\"auto\")` runs")):
+        cache = AnchorSuggestions(num_it)
+        lines = suggestions.study(quick, extra=cache.methods(), num_it=num_it)
+        out += ["", f"Range tests of {num_it} steps ({title}):", "", *lines, "", *cache.notes()]
+    return "\n".join(out)
 
 
 # ----------------------------------------------------------------------------- main
@@ -312,8 +313,9 @@ INTRO = {
     "suggestions": "Per task: the median suggestion over the seeds, the std of log10 of the "
                    "suggestions over the seeds, and regret = (L(s) - L(best)) / (L(untrained) - "
                    "L(best)), L the valid loss after one-cycle at that LR, best over a log grid. "
-                   "Anchors: one range test each per task and seed (1e-7..10, 100 iterations, "
-                   "AdamW, each anchor's own stop rule and suggestion code).",
+                   "Every tool runs one range test per task and seed (1e-7..10, AdamW, each "
+                   "anchor's own stop rule and suggestion code), first at the default 100 steps, "
+                   "then at 300.",
 }
 
 

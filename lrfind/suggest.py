@@ -95,21 +95,27 @@ def _local_linear(x: np.ndarray, y: np.ndarray, h: float) -> tuple[np.ndarray, n
     return value, out_slope
 
 
-def _start_level(fit: np.ndarray) -> float:
-    """Level the loss starts from: the median of the first 5 smoothed points."""
-    return float(np.median(fit[:5]))
+def _descent(fit: np.ndarray) -> tuple[int, int, float]:
+    """(start j, minimum i, start level) of the descent of a smoothed curve.
 
-
-def _drop(fit: np.ndarray) -> tuple[int, float]:
-    """(index of the smoothed minimum, drop = start level - minimum)."""
-    i = int(np.argmin(fit))
-    return i, _start_level(fit) - float(fit[i])
+    The minimum ``i`` is the bottom of the largest drop: the point furthest below the
+    highest point before it, ``p``. On a clean curve that is the lowest point; it differs
+    when noise in the first few points (the moving average has seen few batches there)
+    dips below the real minimum, since nothing fell to that dip. The start level is the
+    median of the first third of ``p..i``, and the descent starts at ``j``, the last point
+    at or above that level before the minimum.
+    """
+    i = int(np.argmax(np.maximum.accumulate(fit) - fit))
+    p = int(np.argmax(fit[: i + 1]))
+    level = float(np.median(fit[p : p + max(5, (i - p) // 3)]))
+    above = np.flatnonzero(fit[: i + 1] >= level)
+    return (int(above[-1]) if len(above) else 0), i, level
 
 
 def _no_drop(fit: np.ndarray, name: str) -> bool:
     """True, with a warning, when the smoothed loss never falls below its start level."""
-    _, drop = _drop(fit)
-    if drop > 1e-9 * max(1.0, abs(_start_level(fit))):
+    _, i, level = _descent(fit)
+    if level - fit[i] > 1e-9 * max(1.0, abs(level)):
         return False
     warnings.warn(f"{name}: the loss never fell below its start level; no suggestion", stacklevel=3)
     return True
@@ -118,10 +124,10 @@ def _no_drop(fit: np.ndarray, name: str) -> bool:
 def _minimum_lr(lx: np.ndarray, losses: np.ndarray) -> float:
     """log10 of the LR at the middle of the flat bottom of the curve (smoothed over WINDOW)."""
     fit, _ = _local_linear(lx, losses, WINDOW)
-    i, drop = _drop(fit)
-    near = fit <= fit[i] + 0.1 * max(drop, 0.0)
+    j, i, level = _descent(fit)
+    near = fit <= fit[i] + 0.1 * max(level - fit[i], 0.0)
     lo, hi = i, i
-    while lo > 0 and near[lo - 1]:
+    while lo > j and near[lo - 1]:
         lo -= 1
     while hi < len(fit) - 1 and near[hi + 1]:
         hi += 1
@@ -144,22 +150,28 @@ def minimum(lrs: np.ndarray, losses: np.ndarray) -> float | None:
 
 
 def steep(lrs: np.ndarray, losses: np.ndarray) -> float | None:
-    """LR of the most negative slope d loss / d log10(lr), the slope fitted over +-0.5 decade.
+    """LR of the steepest descent: log10(lr) averaged over the descent with weights slope**2.
 
-    Only the descent counts: points between the last one at or above the start level and
-    the smoothed minimum, so neither noise at tiny LRs nor the blow-up can win.
+    The slope d loss / d log10(lr) is fitted by a local line over +-2*WINDOW decades.
+    Only the descent counts (from its start level down to the smoothed minimum, see
+    ``_descent``), so neither noise at tiny LRs nor the blow-up can win. Weighting by
+    the squared slope puts the answer at the most negative slope when the slope has one
+    clear peak, and at the middle of a plateau of equal slopes instead of whichever point
+    of it the noise makes steepest.
     """
     data = _prepare(lrs, losses, 5, "steep")
     if data is None:
         return None
     lrs, losses = data
-    fit, slope = _local_linear(np.log10(lrs), losses, 2 * WINDOW)
+    lx = np.log10(lrs)
+    fit, slope = _local_linear(lx, losses, 2 * WINDOW)
     if _no_drop(fit, "steep"):
         return None
-    i, _ = _drop(fit)
-    above = np.flatnonzero(fit[: i + 1] >= _start_level(fit))
-    j = int(above[-1]) if len(above) else 0
-    return float(lrs[j + int(np.argmin(slope[j : i + 1]))])
+    j, i, _ = _descent(fit)
+    weight = np.clip(-slope[j : i + 1], 0.0, None) ** 2
+    if weight.sum() <= 0:
+        return float(lrs[j])
+    return float(10 ** (weight @ lx[j : i + 1] / weight.sum()))
 
 
 def valley(lrs: np.ndarray, losses: np.ndarray) -> float | None:
@@ -208,8 +220,8 @@ def slide(
 
 def _half_drop(lx: np.ndarray, fit: np.ndarray) -> float:
     """log10 LR where the smoothed loss last crosses, before its minimum, halfway down its drop."""
-    i, drop = _drop(fit)
-    level = fit[i] + 0.5 * drop
+    _, i, start = _descent(fit)
+    level = fit[i] + 0.5 * (start - fit[i])
     above = np.flatnonzero(fit[: i + 1] > level)
     j = int(above[-1]) if len(above) else 0
     if j >= i:

@@ -82,6 +82,47 @@ def test_steep_ignores_noise_before_the_descent():
     assert _log(steep(LRS, noisy)) == pytest.approx(-3, abs=0.15)
 
 
+def test_steep_takes_the_middle_of_a_descent_of_constant_slope():
+    # straight descent from -4 to -2: every point is "the steepest"; the answer is its middle
+    x = np.linspace(-6, 0, 76)
+    losses = 1 - 0.25 * np.clip(x + 4, 0, 2) + 0.05 * np.exp(4 * (x + 0.5))
+    assert _log(steep(10**x, losses)) == pytest.approx(-3, abs=0.1)
+
+
+def test_steep_is_steadier_than_the_argmin_of_the_slope():
+    rng = np.random.default_rng(3)
+    x = np.linspace(-6, 0, 76)
+    base = 1 - 0.25 * np.clip(x + 4, 0, 2) + 0.05 * np.exp(4 * (x + 0.5))
+    ours, naive = [], []
+    for _ in range(20):
+        losses = base + 0.01 * rng.standard_normal(len(x))
+        ours.append(_log(steep(10**x, losses)))
+        naive.append(x[np.argmin(np.gradient(losses, x))])
+    assert np.std(ours) < 0.5 * np.std(naive)
+
+
+def test_a_falling_start_is_not_taken_for_the_descent():
+    # a moving average warming up on a few high first losses falls at tiny LRs
+    warm_up = DROP + 0.4 * np.exp(-3 * (X + 6))
+    assert _log(steep(LRS, warm_up)) == pytest.approx(_log(steep(LRS, DROP)), abs=0.15)
+    assert _log(auto(LRS, warm_up)) == pytest.approx(_log(auto(LRS, DROP)), abs=0.15)
+
+
+@pytest.mark.parametrize("name", ["minimum", "steep", "auto"])
+def test_a_low_first_point_is_not_the_minimum(name):
+    # noise makes the first points lower than the real minimum: nothing fell to them
+    dip = DROP.copy()
+    dip[:4] = DROP.min() - 0.2
+    assert _log(SUGGESTIONS[name](LRS, dip)) == pytest.approx(_log(SUGGESTIONS[name](LRS, DROP)),
+                                                              abs=0.1)
+
+
+def test_minimum_of_an_early_bowl():
+    # the run diverged soon after its minimum, which sits in the first fifth of the curve
+    x = np.linspace(-5, 0, 51)
+    assert minimum(10**x, 1 + (x + 4) ** 2) == pytest.approx(1e-5)
+
+
 def test_valley_on_a_v_shape():
     losses = np.r_[np.arange(10.0, 0, -1), np.arange(2.0, 8)]  # 10..1 then up
     lrs = np.arange(1.0, len(losses) + 1)
