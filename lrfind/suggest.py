@@ -112,7 +112,9 @@ def _descent(fit: np.ndarray) -> tuple[int, int, float]:
     return (int(above[-1]) if len(above) else 0), i, level
 
 
-def _smoothed_descent(lrs: np.ndarray, losses: np.ndarray, name: str):
+def _smoothed_descent(
+    lrs: np.ndarray, losses: np.ndarray, name: str
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, tuple[int, int, float]] | None:
     """(log10 lrs, curve smoothed over +-2*WINDOW, its slope, ``_descent``) or None + a warning.
 
     None when there are fewer than 5 finite points or the smoothed loss never falls
@@ -147,10 +149,11 @@ def _minimum_lr(lx: np.ndarray, losses: np.ndarray) -> float:
 def minimum(lrs: np.ndarray, losses: np.ndarray) -> float | None:
     """LR at the lowest loss, divided by 10; the lowest loss is found robustly.
 
-    The curve is smoothed by a local line over +-WINDOW decades; "the lowest loss" is
-    the middle, in log10(lr), of the contiguous run of points around the smoothed minimum
-    that lie within 10% of the drop (start level - minimum) from it, so a flat bottom
-    gives its centre instead of whichever point the noise makes lowest.
+    The curve is smoothed by a local line over +-WINDOW decades; its minimum is the bottom
+    of the largest drop (see ``_descent``), so a noisy low first point is not taken for it.
+    "The lowest loss" is then the middle, in log10(lr), of the contiguous run of points
+    around that minimum within 10% of the drop (start level - minimum) from it, so a flat
+    bottom gives its centre instead of whichever point the noise makes lowest.
     """
     data = _prepare(lrs, losses, 3, "minimum")
     if data is None:
