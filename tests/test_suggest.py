@@ -142,10 +142,11 @@ def test_slide_returns_first_lr_when_no_window_is_flat():
     assert slide(i + 1, 0.01 * i**3) == 1.0
 
 
-def test_auto_is_geometric_mean_of_half_drop_and_minimum():
+def test_auto_is_geometric_mean_of_half_drop_and_half_a_decade_below_the_lowest_loss():
     half = -3.0  # the tanh is halfway down at its centre
-    assert _log(auto(LRS, DROP)) == pytest.approx((half + _log(minimum(LRS, DROP))) / 2, abs=0.05)
-    assert _log(minimum(LRS, DROP)) < _log(auto(LRS, DROP)) + 1 < 0  # below the blow-up
+    lowest = _log(minimum(LRS, DROP)) + 1
+    assert _log(auto(LRS, DROP)) == pytest.approx((half + lowest - 0.5) / 2, abs=0.05)
+    assert half < _log(auto(LRS, DROP)) < lowest - 0.5 < 0  # below the blow-up
 
 
 def test_registry():
