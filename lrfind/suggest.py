@@ -49,8 +49,11 @@ def suggestion_input(
     return lrs[start : n - end], losses[start : n - end]
 
 
-def _prepare(lrs: np.ndarray, losses: np.ndarray, need: int, name: str):
-    """Finite float arrays (cut at the first non-finite value or lr <= 0), or None + a warning."""
+def _prepare(lrs: np.ndarray, losses: np.ndarray, need: int, name: str, stacklevel: int = 3):
+    """Finite float arrays (cut at the first non-finite value or lr <= 0), or None + a warning.
+
+    ``stacklevel`` points the warning at the caller of the suggestion function.
+    """
     lrs = np.asarray(lrs, dtype=float).ravel()
     losses = np.asarray(losses, dtype=float).ravel()
     if len(lrs) != len(losses):
@@ -61,7 +64,7 @@ def _prepare(lrs: np.ndarray, losses: np.ndarray, need: int, name: str):
         warnings.warn(
             f"{name}: needs at least {need} finite points, got {n}; no suggestion "
             "(run the range test longer or with a smaller start_lr)",
-            stacklevel=3,
+            stacklevel=stacklevel,
         )
         return None
     return lrs[:n], losses[:n]
@@ -120,7 +123,7 @@ def _smoothed_descent(
     None when there are fewer than 5 finite points or the smoothed loss never falls
     below its start level.
     """
-    data = _prepare(lrs, losses, 5, name)
+    data = _prepare(lrs, losses, 5, name, stacklevel=4)
     if data is None:
         return None
     lx = np.log10(data[0])

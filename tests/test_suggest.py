@@ -186,6 +186,13 @@ def test_leading_nan_gives_none_not_an_error(name):
         assert SUGGESTIONS[name](LRS, losses) is None
 
 
+@pytest.mark.parametrize("name", list(SUGGESTIONS))
+def test_too_few_points_warning_points_at_the_caller(name):
+    with pytest.warns(UserWarning, match="needs at least") as record:
+        assert SUGGESTIONS[name](LRS[:2], DROP[:2]) is None
+    assert record[0].filename == __file__
+
+
 @pytest.mark.parametrize("name", ["steep", "auto"])
 def test_flat_curve_gives_none_for_descent_rules(name):
     with pytest.warns(UserWarning, match="never fell"):
