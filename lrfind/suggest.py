@@ -251,6 +251,8 @@ def auto(lrs: np.ndarray, losses: np.ndarray) -> float | None:
     (:func:`minimum` times 10); half a decade below it is bold but clear of the blow-up.
     The two anchors err in different directions from seed to seed, so their mean in log
     space is steadier than either. In log10: ``(log half_drop + log lowest - 0.5) / 2``.
+    Made for range tests of 100-300 steps over 1e-7..10: a longer sweep trains more at
+    small LRs, so its whole curve, and every suggestion, moves to smaller LRs.
     """
     data = _smoothed_descent(lrs, losses, "auto")
     if data is None:
