@@ -52,15 +52,20 @@ def train_eval(task: str, seed: int, lr_max: float | None) -> float:
     return loss if math.isfinite(loss) else math.inf
 
 
-LOSSES: dict = {}  # (task, log10 lr, seeds) -> mean valid loss, shared by every study
+LOSSES: dict = {}  # (task, log10 lr, seeds) -> valid loss per seed, shared by every study
+
+
+def _seed_losses(task: str, lr: float | None, seeds: range) -> np.ndarray:
+    """Valid loss of each of ``seeds``, memoised per (task, lr, seeds)."""
+    key = (task, None if lr is None else round(math.log10(lr), 6), len(seeds))
+    if key not in LOSSES:
+        LOSSES[key] = np.array([train_eval(task, s, lr) for s in seeds])
+    return LOSSES[key]
 
 
 def _mean_loss(task: str, lr: float | None, seeds: range) -> float:
-    """Valid loss averaged over ``seeds``, memoised per (task, lr, seeds)."""
-    key = (task, None if lr is None else round(math.log10(lr), 6), len(seeds))
-    if key not in LOSSES:
-        LOSSES[key] = float(np.mean([train_eval(task, s, lr) for s in seeds]))
-    return LOSSES[key]
+    """Valid loss averaged over ``seeds``."""
+    return float(np.mean(_seed_losses(task, lr, seeds)))
 
 
 Method = Callable[[str, int], "float | None"]
@@ -68,7 +73,8 @@ Method = Callable[[str, int], "float | None"]
 
 def score(tasks: list[str], methods: dict[str, Method], find_seeds: range, train_seeds: range,
           grid: np.ndarray) -> tuple[dict, dict]:
-    """Per (method, task): (median lr, std of log10, regret); per task: (best lr, L best, L0)."""
+    """Per (method, task): (median lr, std of log10, regret, its standard error over the
+    training seeds); per task: (best lr, L best, L0)."""
     scores, best = {}, {}
     for task in tasks:
         t0 = time.time()
@@ -85,9 +91,10 @@ def score(tasks: list[str], methods: dict[str, Method], find_seeds: range, train
                 scores[name, task] = None
                 continue
             lr = float(10 ** np.median(logs))
-            loss = _mean_loss(task, lr, train_seeds)
-            scores[name, task] = (lr, float(logs.std()), (loss - losses[i_best]) /
-                                  (untrained - losses[i_best]))
+            per_seed, gain = _seed_losses(task, lr, train_seeds), untrained - losses[i_best]
+            se = per_seed.std(ddof=1) / math.sqrt(len(per_seed)) if len(per_seed) > 1 else math.nan
+            scores[name, task] = (lr, float(logs.std()), (per_seed.mean() - losses[i_best]) / gain,
+                                  se / gain)
         print(f"{task}: {time.time() - t0:.0f}s", file=sys.stderr, flush=True)
     return scores, best
 
@@ -109,6 +116,11 @@ def table(tasks: list[str], methods: list[str], scores: dict, best: dict) -> lis
         lines.append(f"| {name} | " + " | ".join(text + summary) + " |")
     lines.append("| best grid lr | " + " | ".join(f"{best[t][0]:.2g}" for t in tasks)
                  + " | | | |")
+    ses = [100 * c[3] for c in scores.values() if c is not None and math.isfinite(c[3])]
+    if ses:
+        lines += ["", f"Standard error of one regret figure, from the spread of the valid loss "
+                  f"over the training seeds: median {np.median(ses):.1f}, largest "
+                  f"{max(ses):.1f} percentage points."]
     return lines
 
 
