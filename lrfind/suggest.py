@@ -22,6 +22,8 @@ __all__ = ["SUGGESTIONS", "auto", "minimum", "slide", "steep", "suggestion_input
 
 #: half-width, in decades of LR, of the window that smooths the curve for minimum/steep/auto
 WINDOW = 0.25
+#: points per decade of LR above which ``auto`` warns that its suggestion runs low
+AUTO_MAX_DENSITY = 50
 
 
 def suggestion_input(
@@ -251,13 +253,20 @@ def auto(lrs: np.ndarray, losses: np.ndarray) -> float | None:
     (:func:`minimum` times 10); half a decade below it is bold but clear of the blow-up.
     The two anchors err in different directions from seed to seed, so their mean in log
     space is steadier than either. In log10: ``(log half_drop + log lowest - 0.5) / 2``.
-    Made for range tests of 100-300 steps over 1e-7..10: a longer sweep trains more at
-    small LRs, so its whole curve, and every suggestion, moves to smaller LRs.
+    Made for range tests of 100-300 steps over 1e-7..10 (12-37 points a decade): a
+    denser sweep trains more at small LRs, so its whole curve, and every suggestion,
+    moves to smaller LRs; above AUTO_MAX_DENSITY points a decade a warning says so.
     """
     data = _smoothed_descent(lrs, losses, "auto")
     if data is None:
         return None
     lx, losses, fit, _, descent = data
+    density = 1 / max(float(np.median(np.diff(lx))), 1e-12)
+    if density > AUTO_MAX_DENSITY:
+        warnings.warn(
+            f"auto: the range test has {density:.0f} points a decade; auto is made for "
+            "100-300 steps over 1e-7..10 (12-37 a decade) and suggests too low an LR on much "
+            "denser sweeps", stacklevel=2)
     return float(10 ** ((_half_drop(lx, fit, descent) + _minimum_lr(lx, losses) - 0.5) / 2))
 
 

@@ -149,6 +149,15 @@ def test_auto_is_geometric_mean_of_half_drop_and_half_a_decade_below_the_lowest_
     assert half < _log(auto(LRS, DROP)) < lowest - 0.5 < 0  # below the blow-up
 
 
+def test_auto_warns_on_a_denser_sweep_than_it_is_made_for():
+    dense = np.linspace(-6, 0, 601)  # 100 points a decade
+    with pytest.warns(UserWarning, match="100 points a decade"):
+        assert np.isfinite(auto(10**dense, 1 - 0.5 * np.tanh(2 * (dense + 3))))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        auto(LRS, DROP)  # 12.5 points a decade: silent
+
+
 def test_registry():
     assert SUGGESTIONS == {
         "minimum": minimum, "steep": steep, "valley": valley, "slide": slide, "auto": auto
@@ -278,4 +287,5 @@ def test_local_linear_matches_polyfit_oracle():
 
 def test_long_runs_are_fast():
     x = np.linspace(-7, 1, 20_000)
-    assert np.isfinite(auto(10**x, 1 - 0.5 * np.tanh(2 * (x + 3)) + 0.05 * np.exp(4 * x)))
+    with pytest.warns(UserWarning, match="points a decade"):
+        assert np.isfinite(auto(10**x, 1 - 0.5 * np.tanh(2 * (x + 3)) + 0.05 * np.exp(4 * x)))
