@@ -39,6 +39,9 @@ from .utils import (
 
 LR = float | slice | Sequence[float]
 PRECISIONS = {"32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+#: layers whose parameters ``freeze`` leaves trainable when ``train_bn`` is set
+NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm,
+              nn.LayerNorm, nn.GroupNorm)
 # lr="auto" runs a longer range test than lr_find's default 100 steps: with ~40 steps a decade
 # the curve is read well enough that the suggestion moves < 0.1 decade between seeds.
 AUTO_NUM_IT = 300
@@ -83,7 +86,7 @@ class Learner:
     ``loss_func(pred, y)``); anything else goes through ``compute_loss(model, batch) -> loss``.
     The optimizer is ``opt_func(param_groups, lr=lr)`` over the groups of ``splitter(model)``
     (default: one group). Defaults: AdamW, lr=1e-3, moms=(0.95, 0.85, 0.95), precision "32",
-    accum_steps=1, no clipping.
+    accum_steps=1, no clipping, train_bn=True (normalisation layers stay trainable when frozen).
     """
 
     def __init__(self, model: nn.Module, train_dl: Any, valid_dl: Any = None, *,
@@ -96,7 +99,7 @@ class Learner:
                  splitter: Callable[[nn.Module], list] | None = None,
                  device: str | torch.device | None = None, progress: bool = True,
                  precision: str = "32", accum_steps: int = 1,
-                 clip_grad: float | None = None) -> None:
+                 clip_grad: float | None = None, train_bn: bool = True) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         for name, dl in (("train_dl", train_dl), ("valid_dl", valid_dl)):
@@ -128,6 +131,8 @@ class Learner:
         self.accum_steps = check_int("accum_steps", accum_steps)
         if clip_grad is not None:
             check_positive("clip_grad", clip_grad)
+        if not isinstance(train_bn, bool):
+            raise TypeError(f"train_bn must be a bool, got {train_bn!r}")
         cbs = _check_cbs(cbs)
         groups = [list(model.parameters())] if splitter is None else [list(g) for g in
                                                                        splitter(model)]
@@ -168,7 +173,7 @@ class Learner:
         self.loss_func, self.compute_loss, self.metrics = loss_func, compute_loss, metrics
         self.metric_names = [metric_name(m) for m in metrics]
         self.splitter, self.progress = splitter, progress
-        self._groups = groups
+        self._groups, self.train_bn = groups, train_bn
         params = [{"params": g} for g in groups]
         self.opt = opt_func(params) if lrs is None else opt_func(params, lr=lrs[-1])
         if lrs is not None:
@@ -535,13 +540,20 @@ class Learner:
 
     # ---- parameters ------------------------------------------------------------------------
     def freeze_to(self, n: int) -> None:
-        """Freeze the splitter's groups before index ``n`` and unfreeze the rest."""
+        """Freeze the splitter's groups before index ``n`` and unfreeze the rest.
+
+        With ``train_bn`` (the default) the parameters of normalisation layers (batch,
+        instance, layer and group norm) stay trainable in frozen groups, as in fastai: their
+        statistics were fitted to the old data, and retuning them is cheap and helps.
+        """
         if isinstance(n, bool) or not isinstance(n, int):
             raise TypeError(f"n must be an int, got {n!r}")
         frozen = set(range(len(self._groups))[:n])
+        norm = {id(p) for m in self.model.modules() if isinstance(m, NORM_TYPES)
+                for p in m.parameters(recurse=False)} if self.train_bn else set()
         for i, group in enumerate(self._groups):
             for p in group:
-                p.requires_grad_(i not in frozen)
+                p.requires_grad_(i not in frozen or id(p) in norm)
 
     def freeze(self) -> None:
         """Freeze every parameter group but the last."""

@@ -583,6 +583,36 @@ def test_freeze_unfreeze_freeze_to():
         learn.freeze_to(1.0)
 
 
+def bn_net():
+    return nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.LayerNorm(8), nn.Linear(8, 1))
+
+
+def split_bn(m):
+    return [list(m[:3].parameters()), list(m[3].parameters())]
+
+
+@pytest.mark.parametrize("train_bn", [True, False])
+def test_freeze_keeps_norm_layers_trainable_with_train_bn(train_bn):
+    learn = make(bn_net(), splitter=split_bn, train_bn=train_bn)
+    learn.freeze()
+    m = learn.model
+    assert not m[0].weight.requires_grad and not m[0].bias.requires_grad
+    norms = [m[1].weight, m[1].bias, m[2].weight, m[2].bias]
+    assert all(p.requires_grad == train_bn for p in norms)
+    w = copy.deepcopy(m.state_dict())
+    learn.fit(1, lr=0.05)
+    assert torch.equal(w["0.weight"], m.state_dict()["0.weight"])
+    assert torch.equal(w["1.weight"], m.state_dict()["1.weight"]) != train_bn
+    assert torch.equal(w["2.bias"], m.state_dict()["2.bias"]) != train_bn
+    learn.unfreeze()
+    assert all(p.requires_grad for p in m.parameters())
+
+
+def test_train_bn_must_be_bool():
+    with pytest.raises(TypeError, match="^train_bn must be a bool, got 'yes'"):
+        make(train_bn="yes")
+
+
 def test_fine_tune_runs():
     learn = make(two_layer(), splitter=split2, opt_func=sgd_mom)
     w = copy.deepcopy(learn.model.state_dict())
