@@ -286,11 +286,15 @@ def suggestion_section(quick: bool) -> str:
     import suggestions
 
     out = [f"- {a}: not installed, skipped." for a in ANCHOR_METHODS if not installed(a)]
+    n_seeds = 10 if quick else 30
     for num_it, title in ((100, "every tool's default"),
                           (AUTO_NUM_IT, "what `fit_one_cycle(lr_max=\"auto\")` runs")):
         cache = AnchorSuggestions(num_it)
         lines = suggestions.study(quick, extra=cache.methods(), num_it=num_it)
         out += ["", f"Range tests of {num_it} steps ({title}):", "", *lines, "", *cache.notes()]
+        out += ["", f"lrfind's spread over {n_seeds} seeds at {num_it} steps: std of log10 over "
+                "all of them (lowest-highest std over disjoint groups of 5):", "",
+                *suggestions.spread(list(tasks.TASKS), num_it, n_seeds)]
     return "\n".join(out)
 
 
@@ -315,7 +319,9 @@ INTRO = {
                    "L(best)), L the valid loss after one-cycle at that LR, best over a log grid. "
                    "Every tool runs one range test per task and seed (1e-7..10, AdamW, each "
                    "anchor's own stop rule and suggestion code), first at the default 100 steps, "
-                   "then at 300.",
+                   "then at 300. A std over 5 seeds is itself noisy, so each study is followed by "
+                   "the spread of lrfind's minimum, steep and auto over more range-test seeds "
+                   "(no training).",
 }
 
 

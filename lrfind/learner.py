@@ -471,8 +471,9 @@ class Learner:
 
     def fine_tune(self, epochs: int, base_lr: float = 2e-3, freeze_epochs: int = 1,
                   lr_mult: float = 100, pct_start: float = 0.3, div: float = 5.0) -> None:
-        """Train the last group alone for ``freeze_epochs`` (one-cycle, pct_start 0.99), then all
-        groups for ``epochs`` with LRs ``slice(base_lr/2/lr_mult, base_lr/2)``."""
+        """Train the last group (and, with ``train_bn``, every normalisation layer) for
+        ``freeze_epochs`` (one-cycle, pct_start 0.99), then all groups for ``epochs`` with LRs
+        ``slice(base_lr/2/lr_mult, base_lr/2)``."""
         check_int("epochs", epochs)
         check_int("freeze_epochs", freeze_epochs, low=0)
         check_positive("base_lr", base_lr)
