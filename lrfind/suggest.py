@@ -24,6 +24,8 @@ __all__ = ["SUGGESTIONS", "auto", "minimum", "slide", "steep", "suggestion_input
 WINDOW = 0.25
 #: points per decade of LR above which ``auto`` warns that its suggestion runs low
 AUTO_MAX_DENSITY = 50
+#: decades below the lowest loss within which ``steep`` looks for the steepest descent
+STEEP_SPAN = 3.0
 
 
 def suggestion_input(
@@ -172,15 +174,17 @@ def steep(lrs: np.ndarray, losses: np.ndarray) -> float | None:
 
     The slope d loss / d log10(lr) is fitted by a local line over +-2*WINDOW decades.
     Only the descent counts (from its start level down to the smoothed minimum, see
-    ``_descent``), so neither noise at tiny LRs nor the blow-up can win. Weighting by
-    the squared slope puts the answer at the most negative slope when the slope has one
-    clear peak, and at the middle of a plateau of equal slopes instead of whichever point
-    of it the noise makes steepest.
+    ``_descent``, and at most STEEP_SPAN decades below that minimum), so neither the
+    blow-up nor the noisy start, where the moving average has seen few batches, can win.
+    Weighting by the squared slope puts the answer at the most negative slope when the
+    slope has one clear peak, and at the middle of a plateau of equal slopes instead of
+    whichever point of it the noise makes steepest.
     """
     data = _smoothed_descent(lrs, losses, "steep")
     if data is None:
         return None
     lx, _, _, slope, (j, i, _) = data
+    j = max(j, int(np.flatnonzero(lx[: i + 1] >= lx[i] - STEEP_SPAN)[0]))
     weight = np.clip(-slope[j : i + 1], 0.0, None) ** 2
     if weight.sum() <= 0:
         return float(10 ** lx[j])

@@ -108,6 +108,15 @@ def test_a_falling_start_is_not_taken_for_the_descent():
     assert _log(auto(LRS, warm_up)) == pytest.approx(_log(auto(LRS, DROP)), abs=0.15)
 
 
+def test_steep_ignores_a_warm_up_fall_far_below_a_small_descent():
+    # a small real drop (0.2, steepest at 10^-1.75) and, 4 decades lower, a moving average
+    # warming up on high first losses that falls faster than the real drop
+    small = 1 - 0.1 * np.tanh(2 * (X + 1.75)) + 0.05 * np.exp(4 * (X + 0.5))
+    warm_up = small + 0.4 * np.exp(-4 * (X + 6))
+    assert _log(steep(LRS, small)) == pytest.approx(-1.75, abs=0.1)
+    assert _log(steep(LRS, warm_up)) == pytest.approx(_log(steep(LRS, small)), abs=0.05)
+
+
 @pytest.mark.parametrize("name", ["minimum", "steep", "auto"])
 def test_a_low_first_point_is_not_the_minimum(name):
     # noise makes the first points lower than the real minimum: nothing fell to them
