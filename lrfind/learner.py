@@ -544,8 +544,8 @@ class Learner:
         """Freeze the splitter's groups before index ``n`` and unfreeze the rest.
 
         With ``train_bn`` (the default) the parameters of normalisation layers (batch,
-        instance, layer and group norm) stay trainable in frozen groups, as in fastai: their
-        statistics were fitted to the old data, and retuning them is cheap and helps.
+        instance, layer and group norm) stay trainable in frozen groups, as in fastai, so the
+        normalisation can adapt to new data while the rest of a frozen group stays fixed.
         """
         if isinstance(n, bool) or not isinstance(n, int):
             raise TypeError(f"n must be an int, got {n!r}")
