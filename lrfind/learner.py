@@ -394,6 +394,8 @@ class Learner:
                                  show_plot=False).auto
             if found is None:
                 raise ValueError("the range test gave no 'auto' suggestion (see its warning)")
+            if self.progress:
+                self.print(f"{name}='auto': {found:.3g}, from a range test of {AUTO_NUM_IT} steps")
             lrs = self._lrs(found)
         self.sched_args = {"method": method, "lrs": lrs, **args}
         if state is not None:

@@ -498,3 +498,12 @@ def test_fit_one_cycle_auto_uses_the_auto_suggestion():
     assert learn.recorder.lrs[0] == res.auto / 25  # first step: lr_max / div
     assert learn.recorder.lrs[-1] == res.auto / 1e5
     assert learn.opt.seen[-n:] == [[v] for v in learn.recorder.lrs]
+
+
+def test_fit_auto_says_which_lr_it_took_when_progress_is_on(capsys):
+    make().fit_one_cycle(1, "auto")
+    assert "auto" not in capsys.readouterr().out  # progress=False: silent
+    learn = make(progress=True)
+    learn.fit_flat_cos(1, "auto")
+    found = learn.recorder.lr_find_result.auto
+    assert f"lr='auto': {found:.3g}, from a range test of 300 steps" in capsys.readouterr().out
