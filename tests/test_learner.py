@@ -584,11 +584,12 @@ def test_freeze_unfreeze_freeze_to():
 
 
 def bn_net():
-    return nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.LayerNorm(8), nn.Linear(8, 1))
+    return nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.LayerNorm(8), nn.GroupNorm(2, 8),
+                         nn.Linear(8, 1))
 
 
 def split_bn(m):
-    return [list(m[:3].parameters()), list(m[3].parameters())]
+    return [list(m[:4].parameters()), list(m[4].parameters())]
 
 
 @pytest.mark.parametrize("train_bn", [True, False])
@@ -597,13 +598,15 @@ def test_freeze_keeps_norm_layers_trainable_with_train_bn(train_bn):
     learn.freeze()
     m = learn.model
     assert not m[0].weight.requires_grad and not m[0].bias.requires_grad
-    norms = [m[1].weight, m[1].bias, m[2].weight, m[2].bias]
+    norms = [p for layer in m[1:4] for p in layer.parameters()]
+    assert len(norms) == 6
     assert all(p.requires_grad == train_bn for p in norms)
     w = copy.deepcopy(m.state_dict())
     learn.fit(1, lr=0.05)
     assert torch.equal(w["0.weight"], m.state_dict()["0.weight"])
     assert torch.equal(w["1.weight"], m.state_dict()["1.weight"]) != train_bn
     assert torch.equal(w["2.bias"], m.state_dict()["2.bias"]) != train_bn
+    assert torch.equal(w["3.weight"], m.state_dict()["3.weight"]) != train_bn
     learn.unfreeze()
     assert all(p.requires_grad for p in m.parameters())
 
