@@ -55,9 +55,15 @@ class CancelFitException(Exception):
 
 
 class Callback:
-    """Base class: each event is a no-op method ``event(self, learn)``; lower ``order`` first."""
+    """Base class: each event is a no-op method ``event(self, learn)``; lower ``order`` first.
+
+    ``in_lr_find`` (default False): also run during the range test. Set it on callbacks that
+    change what the model sees or how it learns (batch transforms, a custom loss), so the
+    test measures the training you will run; schedulers, checkpoints and loggers stay out.
+    """
 
     order: int = 0
+    in_lr_find: bool = False
 
     def before_fit(self, learn: Learner) -> None: ...
     def before_epoch(self, learn: Learner) -> None: ...

@@ -1,7 +1,8 @@
 """The LR range test: an exponential (or linear) sweep of the LR, one optimizer step per LR.
 
 The sweep runs in the learner's own loop (so mixed precision, gradient accumulation, clipping
-and multi-process training behave as in a fit), with no other callback attached, and leaves
+and multi-process training behave as in a fit), with only the callbacks marked ``in_lr_find``
+attached (none by default), and leaves
 the model, optimizer, RNGs and loader exactly as they were: see :func:`preserved`.
 """
 
@@ -9,12 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.parameter import is_lazy
 
 from .callback import Callback, CancelFitException
 from .learner import Learner
@@ -26,14 +28,36 @@ Suggestion = Callable[[np.ndarray, np.ndarray], "float | None"]
 STOP_REASONS = ("diverged", "non-finite loss", "num_it reached")
 
 
-def _cpu_copy(obj: Any) -> Any:
-    """Deep copy of a (nested) state dict with every tensor cloned to the CPU."""
+class _Saved:
+    """A tensor's value copied to the CPU, and the device it goes back to."""
+
+    __slots__ = ("value", "device")
+
+    def __init__(self, t: torch.Tensor) -> None:
+        self.value, self.device = t.detach().to("cpu", copy=True), t.device
+
+
+def _save(obj: Any) -> Any:
+    """Copy of a nested dict/list/tuple with every tensor copied to the CPU (dtype kept)."""
     if isinstance(obj, torch.Tensor):
-        return obj.detach().to("cpu", copy=True)
+        return _Saved(obj)
     if isinstance(obj, dict):
-        return {k: _cpu_copy(v) for k, v in obj.items()}
+        return {k: _save(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return type(obj)(_cpu_copy(v) for v in obj)
+        items = [_save(v) for v in obj]
+        return type(obj)(*items) if hasattr(obj, "_fields") else type(obj)(items)
+    return obj
+
+
+def _load(obj: Any) -> Any:
+    """Inverse of :func:`_save`: every tensor back on its device, with its dtype."""
+    if isinstance(obj, _Saved):
+        return obj.value.to(obj.device, copy=True)
+    if isinstance(obj, dict):
+        return {k: _load(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        items = [_load(v) for v in obj]
+        return type(obj)(*items) if hasattr(obj, "_fields") else type(obj)(items)
     return obj
 
 
@@ -41,26 +65,40 @@ def _cpu_copy(obj: Any) -> Any:
 def preserved(learn: Learner) -> Iterator[None]:
     """Snapshot everything a range test touches, on the CPU, and restore it bitwise on exit.
 
-    Covers parameters, buffers and gradients, ``requires_grad`` flags, every module's train
-    mode, the optimizer's state and hyper-parameters, the grad scaler, the torch (CPU and CUDA),
-    numpy and Python RNGs, and the train loader's generators. Restores in ``finally``, so an
-    exception or Ctrl-C restores the state, then propagates. Writes no file.
+    Covers parameters (the model's and any other the optimizer trains), buffers and
+    gradients, which tensor each module attribute holds, ``requires_grad`` flags, every
+    module's train mode, the optimizer's state (dtypes kept) and hyper-parameters, the grad
+    scaler, the torch (CPU and CUDA), numpy and Python RNGs, the train loader's generators and
+    its sampler's epoch. Restores in ``finally``, so an exception or Ctrl-C restores the
+    state, then propagates. Writes no file.
     """
-    model, opt = learn.model, learn.opt
-    tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}.values()
+    model, opt, dl = learn.model, learn.opt, learn.train_dl
+    # the tensor objects each module holds: a model may assign a new tensor to a buffer
+    slots = [(m, name, t) for m in model.modules()
+             for name, t in [*m.named_parameters(recurse=False), *m.named_buffers(recurse=False)]]
+    tensors = {id(t): t for t in [*model.parameters(), *model.buffers(),
+                                  *(p for g in opt.param_groups for p in g["params"])]}.values()
     saved = [(t, t.detach().to("cpu", copy=True),
               None if t.grad is None else t.grad.detach().to("cpu", copy=True),
               t.requires_grad) for t in tensors]
     modes = [(m, m.training) for m in model.modules()]
-    opt_state = _cpu_copy(opt.state_dict())
-    scaler = None if learn.scaler is None else _cpu_copy(learn.scaler.state_dict())
-    rng = get_rng_state(learn.train_dl)
+    # restored by hand: Optimizer.load_state_dict would cast the state to the parameters' dtype
+    groups = [_save({k: v for k, v in g.items() if k != "params"}) for g in opt.param_groups]
+    opt_state = {p: _save(s) for p, s in opt.state.items()}
+    scaler = None if learn.scaler is None else _save(learn.scaler.state_dict())
+    rng = get_rng_state(dl)
+    sampler = getattr(dl, "sampler", None)
+    epoch = getattr(sampler, "epoch", None) if hasattr(sampler, "set_epoch") else None
+    workers = getattr(dl, "_iterator", None)  # a DataLoader's persistent workers, if any
     attrs = {k: getattr(learn, k) for k in ("epoch", "n_epoch", "train_iter", "iter",
                                             "total_steps", "steps_per_epoch", "valid_result",
                                             "fit_error", "resuming", "sched_args")}
     try:
         yield
     finally:
+        for m, name, t in slots:
+            if getattr(m, name) is not t:
+                setattr(m, name, t)
         with torch.no_grad():
             for t, value, grad, requires_grad in saved:
                 t.copy_(value)
@@ -68,10 +106,22 @@ def preserved(learn: Learner) -> Iterator[None]:
                 t.requires_grad_(requires_grad)
         for m, mode in modes:
             m.training = mode
-        opt.load_state_dict(_cpu_copy(opt_state))
+        for g, hyper in zip(opt.param_groups, groups):
+            params = g["params"]
+            g.clear()
+            g["params"] = params
+            g.update(_load(hyper))
+        opt.state.clear()
+        opt.state.update({p: _load(s) for p, s in opt_state.items()})
         if scaler is not None:
-            learn.scaler.load_state_dict(scaler)
-        set_rng_state(rng, learn.train_dl)
+            learn.scaler.load_state_dict(_load(scaler))
+        set_rng_state(rng, dl)
+        if epoch is not None:
+            sampler.set_epoch(epoch)
+        if workers is None and getattr(dl, "_iterator", None) is not None:
+            # workers started by the sweep have drawn from their RNGs: let the next pass
+            # start fresh ones, seeded as they would have been without the range test
+            dl._iterator = None
         for k, v in attrs.items():
             setattr(learn, k, v)
         learn.batch = learn.loss = learn.loss_grad = learn.step_loss = learn.pred = None
@@ -155,6 +205,18 @@ class RangeTest(Callback):
 
             self.bar = tqdm(total=len(self.grid), desc="lr_find", leave=False)
 
+    def before_train(self, learn: Learner) -> None:
+        self.fed = False
+
+    def before_batch(self, learn: Learner) -> None:
+        self.fed = True
+
+    def after_train(self, learn: Learner) -> None:
+        if not self.fed:  # a loader that cannot be iterated again would loop on nothing
+            raise ValueError(f"train_dl yielded no batch on pass {learn.epoch + 1} of the range "
+                             f"test, after {len(self.lrs)} steps: it must be iterable again "
+                             "when it runs out before num_it steps")
+
     def before_step(self, learn: Learner) -> None:
         lr = self.grid[learn.train_iter]
         for g, r in zip(learn.opt.param_groups, self.ratios):
@@ -187,12 +249,14 @@ class RangeTest(Callback):
             self.bar.close()
 
 
-def _check_args(start_lr: float, end_lr: float, num_it: int, div_th: float, beta: float,
-                mode: str, suggest_funcs: Any) -> dict[str, Suggestion]:
+def _check_args(start_lr: float, end_lr: float, num_it: int, stop_div: bool, div_th: float,
+                beta: float, mode: str, suggest_funcs: Any) -> dict[str, Suggestion]:
     check_positive("start_lr", start_lr)
     if check_number("end_lr", end_lr) <= start_lr:
         raise ValueError(f"end_lr must be > start_lr ({start_lr!r}), got {end_lr!r}")
     check_int("num_it", num_it, low=2)
+    if not isinstance(stop_div, bool):
+        raise TypeError(f"stop_div must be a bool, got {stop_div!r}")
     if check_number("div_th", div_th) <= 1:
         raise ValueError(f"div_th must be > 1, got {div_th!r}")
     if not 0 <= check_number("beta", beta) < 1:
@@ -201,6 +265,8 @@ def _check_args(start_lr: float, end_lr: float, num_it: int, div_th: float, beta
         raise ValueError(f"mode must be 'exp' or 'linear', got {mode!r}")
     if isinstance(suggest_funcs, str) or callable(suggest_funcs):
         suggest_funcs = [suggest_funcs]
+    if not isinstance(suggest_funcs, Iterable):
+        raise TypeError(f"suggest_funcs must be names or functions, got {suggest_funcs!r}")
     funcs = {}
     for f in suggest_funcs:
         if isinstance(f, str):
@@ -220,18 +286,22 @@ def learner_lr_find(learn: Learner, start_lr: float = 1e-7, end_lr: float = 10.0
                     suggest_funcs: Sequence[str | Suggestion] = ("minimum", "steep"),
                     show_plot: bool = True) -> LRFindResult:
     """Run the LR range test on ``learn``; see :func:`lr_find`."""
-    funcs = _check_args(start_lr, end_lr, num_it, div_th, beta, mode, suggest_funcs)
+    funcs = _check_args(start_lr, end_lr, num_it, stop_div, div_th, beta, mode, suggest_funcs)
     if mode == "exp":
         grid = [start_lr * (end_lr / start_lr) ** (k / (num_it - 1)) for k in range(num_it)]
     else:
         grid = [start_lr + (end_lr - start_lr) * k / (num_it - 1) for k in range(num_it)]
     grid[-1] = end_lr
+    lazy = [n for n, p in learn.model.named_parameters() if is_lazy(p)]
+    if lazy:
+        raise ValueError(f"the model has uninitialized lazy parameters {lazy[:3]}: run one "
+                         "batch through it before the range test")
     test = RangeTest(grid, stop_div, div_th, beta)
     valid_dl, learn.valid_dl = learn.valid_dl, None  # no validation during the sweep
     try:
         with preserved(learn):
             # Every epoch makes at least one step, so num_it epochs always suffice.
-            learn._fit(num_it, [test], only=True)
+            learn._fit(num_it, [test, *(cb for cb in learn.cbs if cb.in_lr_find)], only=True)
     finally:
         learn.valid_dl = valid_dl
     lrs, losses = suggestion_input(np.array(test.lrs), np.array(test.smooth), num_it)
@@ -265,9 +335,9 @@ def lr_find(model: nn.Module, optimizer: torch.optim.Optimizer, train_dl: Any, *
     """
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {optimizer!r}")
-    _check_args(start_lr, end_lr, num_it, div_th, beta, mode, suggest_funcs)
+    funcs = _check_args(start_lr, end_lr, num_it, stop_div, div_th, beta, mode, suggest_funcs)
     learn = Learner(model, train_dl, loss_func=loss_func, compute_loss=compute_loss,
                     opt_func=lambda groups: optimizer, lr=None, progress=progress)
     return learner_lr_find(learn, start_lr=start_lr, end_lr=end_lr, num_it=num_it,
                            stop_div=stop_div, div_th=div_th, beta=beta, mode=mode,
-                           suggest_funcs=suggest_funcs, show_plot=show_plot)
+                           suggest_funcs=tuple(funcs.values()), show_plot=show_plot)

@@ -83,6 +83,8 @@ def _local_linear(x: np.ndarray, y: np.ndarray, h: float) -> tuple[np.ndarray, n
     """
     order = np.argsort(x, kind="stable")
     xs, ys = x[order] - x.mean(), y[order] - y.mean()  # centred: prefix sums stay accurate
+    scale = float(np.abs(ys).max()) or 1.0  # scaled: any loss magnitude neither under- nor
+    ys = ys / scale                          # overflows in the sums of squares
     lo = np.searchsorted(xs, xs - h - 1e-12, side="left")
     hi = np.searchsorted(xs, xs + h + 1e-12, side="right")
 
@@ -97,8 +99,8 @@ def _local_linear(x: np.ndarray, y: np.ndarray, h: float) -> tuple[np.ndarray, n
     ok = sxx > 1e-12 * np.maximum(n, 1.0)
     slope = np.where(ok, sxy / np.where(ok, sxx, 1.0), 0.0)
     value, out_slope = np.empty_like(xs), np.empty_like(xs)
-    value[order] = my + slope * (xs - mx) + y.mean()
-    out_slope[order] = slope
+    value[order] = scale * (my + slope * (xs - mx)) + y.mean()
+    out_slope[order] = scale * slope
     return value, out_slope
 
 
@@ -109,12 +111,12 @@ def _descent(fit: np.ndarray) -> tuple[int, int, float]:
     highest point before it, ``p``. On a clean curve that is the lowest point; it differs
     when noise in the first few points (the moving average has seen few batches there)
     dips below the real minimum, since nothing fell to that dip. The start level is the
-    median of the first third of ``p..i``, and the descent starts at ``j``, the last point
-    at or above that level before the minimum.
+    median of the first third of ``p..i`` (at least 5 points, none past ``i``), and the
+    descent starts at ``j``, the last point at or above that level before the minimum.
     """
     i = int(np.argmax(np.maximum.accumulate(fit) - fit))
     p = int(np.argmax(fit[: i + 1]))
-    level = float(np.median(fit[p : p + max(5, (i - p) // 3)]))
+    level = float(np.median(fit[p : min(i + 1, p + max(5, (i - p) // 3))]))
     above = np.flatnonzero(fit[: i + 1] >= level)
     return (int(above[-1]) if len(above) else 0), i, level
 
@@ -134,7 +136,7 @@ def _smoothed_descent(
     fit, slope = _local_linear(lx, data[1], 2 * WINDOW)
     descent = _descent(fit)
     _, i, level = descent
-    if level - fit[i] > 1e-9 * max(1.0, abs(level)):
+    if level - fit[i] > 1e-9 * abs(level):
         return lx, data[1], fit, slope, descent
     warnings.warn(f"{name}: the loss never fell below its start level; no suggestion", stacklevel=3)
     return None
@@ -185,9 +187,10 @@ def steep(lrs: np.ndarray, losses: np.ndarray) -> float | None:
         return None
     lx, _, _, slope, (j, i, _) = data
     j = max(j, int(np.flatnonzero(lx[: i + 1] >= lx[i] - STEEP_SPAN)[0]))
-    weight = np.clip(-slope[j : i + 1], 0.0, None) ** 2
-    if weight.sum() <= 0:
+    weight = np.clip(-slope[j : i + 1], 0.0, None)
+    if weight.max() <= 0:
         return float(10 ** lx[j])
+    weight = (weight / weight.max()) ** 2  # scaled first: squares of huge slopes overflow
     return float(10 ** (weight @ lx[j : i + 1] / weight.sum()))
 
 
@@ -244,7 +247,7 @@ def _half_drop(lx: np.ndarray, fit: np.ndarray, descent: tuple[int, int, float])
     if j >= i:
         return float(lx[j])
     # linear interpolation between j (above the level) and j + 1 (at or below it)
-    t = (fit[j] - level) / (fit[j] - fit[j + 1])
+    t = min(max((fit[j] - level) / (fit[j] - fit[j + 1]), 0.0), 1.0)
     return float(lx[j] + t * (lx[j + 1] - lx[j]))
 
 

@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import lrfind
-from lrfind import Learner
+from lrfind import Callback, Learner
 
 matplotlib.use("Agg")
 
@@ -376,6 +376,150 @@ def test_no_files_written(tmp_path, monkeypatch):
     assert os.listdir(cwd) == [] and os.listdir(tmp) == []
 
 
+class CountingSGD(torch.optim.SGD):
+    """Keeps an int64 step counter in its state, which a dtype cast would turn into a float."""
+
+    def step(self, closure=None):
+        for p in self.param_groups[0]["params"]:
+            self.state[p]["count"] = self.state[p].get("count", torch.tensor(0)) + 1
+        return super().step(closure)
+
+
+@pytest.mark.parametrize("opt_func", [torch.optim.NAdam, CountingSGD])
+def test_optimizer_state_keeps_its_dtypes(opt_func):
+    # NAdam keeps mu_product in float32 next to float64 parameters
+    model = nn.Linear(4, 1).double()
+    learn = make(model, dl=DataLoader(TensorDataset(*(t.double() for t in data())), batch_size=16),
+                 opt_func=lambda ps, lr=1e-3: opt_func(ps, lr=lr))
+    learn.fit(1)
+    before = copy.deepcopy(learn.opt.state_dict())
+    dtypes = {v.dtype for s in before["state"].values() for v in s.values()}
+    assert dtypes & {torch.float32, torch.int64}  # a state dtype other than the parameters'
+    learn.lr_find(num_it=10)
+    assert same(before, learn.opt.state_dict())
+
+
+def test_parameters_only_the_optimizer_trains_are_restored():
+    model = bn_model()
+    temperature = nn.Parameter(torch.zeros(()))
+    opt = torch.optim.Adam([*model.parameters(), temperature], lr=1e-3)
+
+    def compute_loss(m, batch):
+        return F.mse_loss(m(batch[0]) * temperature.exp(), batch[1])
+
+    lrfind.lr_find(model, opt, loader(), compute_loss=compute_loss, num_it=10, end_lr=1.0)
+    assert temperature.item() == 0.0 and temperature.grad is None
+    assert opt.state == {}
+
+
+class RunningMean(nn.Module):
+    """Updates its buffer by assignment, so the module ends up holding a new tensor."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 1)
+        self.register_buffer("mean", torch.zeros(4))
+
+    def forward(self, x):
+        if self.training:
+            self.mean = 0.9 * self.mean + 0.1 * x.mean(0)
+        return self.lin(x - self.mean)
+
+
+def test_a_buffer_the_model_reassigns_is_restored():
+    learn = make(RunningMean())
+    mean = learn.model.mean
+    learn.lr_find(num_it=10)
+    assert learn.model.mean is mean and torch.equal(mean, torch.zeros(4))
+
+
+class NoisyData(torch.utils.data.Dataset):
+    """Adds noise drawn in the loader's worker process."""
+
+    def __len__(self):
+        return 64
+
+    def __getitem__(self, i):
+        x, y = data()
+        return x[i] + 0.1 * torch.randn(4), y[i]
+
+
+def test_persistent_workers_restart_so_fit_trains_like_fit_alone():
+    def build():
+        torch.manual_seed(0)
+        dl = DataLoader(NoisyData(), batch_size=16, num_workers=1, persistent_workers=True)
+        return make(dl=dl)
+
+    a, b = build(), build()
+    a.lr_find(num_it=10)
+    torch.manual_seed(1)
+    a.fit(2)
+    torch.manual_seed(1)
+    b.fit(2)
+    assert a.recorder.losses == b.recorder.losses
+
+
+def test_sampler_epoch_is_restored():
+    ds = TensorDataset(*data())
+    sampler = torch.utils.data.DistributedSampler(ds, num_replicas=1, rank=0, shuffle=True)
+    learn = make(dl=DataLoader(ds, batch_size=16, sampler=sampler))
+    learn.lr_find(num_it=10)
+    assert sampler.epoch == 0
+
+
+def test_uninitialized_lazy_model_raises_a_clear_error():
+    model = nn.Sequential(nn.LazyLinear(1))
+    learn = make(model)
+    with pytest.raises(ValueError, match=r"^the model has uninitialized lazy parameters \['0.w"):
+        learn.lr_find(num_it=5)
+    learn.fit(1)  # one batch through it, and the range test runs
+    assert len(learn.lr_find(num_it=10).lrs) == 10
+
+
+class OneShot:
+    """A sized loader that can be iterated only once."""
+
+    def __init__(self, dl):
+        self.batches, self.n = iter(dl), len(dl)
+
+    def __len__(self):
+        return self.n
+
+    def __iter__(self):
+        return self.batches
+
+
+def test_a_loader_that_cannot_cycle_raises_and_restores():
+    learn = make(dl=OneShot(loader()))
+    before = copy.deepcopy(learn.model.state_dict())
+    with pytest.raises(ValueError, match="^train_dl yielded no batch on pass 2 of the range "
+                                         "test, after 4 steps"):
+        learn.lr_find(num_it=20)
+    assert same(before, learn.model.state_dict())
+
+
+class Doubler(Callback):
+    """Scales the inputs of every batch."""
+
+    def __init__(self, in_lr_find):
+        self.in_lr_find, self.calls = in_lr_find, 0
+
+    def before_batch(self, learn):
+        self.calls += 1
+        learn.batch = (2 * learn.batch[0], learn.batch[1])
+
+
+@pytest.mark.parametrize("in_lr_find", [False, True])
+def test_only_callbacks_marked_in_lr_find_run_in_the_range_test(in_lr_find):
+    cb = Doubler(in_lr_find)
+    learn = make(cbs=[cb])
+    res = learn.lr_find(num_it=10, stop_div=False)
+    assert cb.calls == (10 if in_lr_find else 0)
+    learn.remove_cb(cb)
+    plain = learn.lr_find(num_it=10, stop_div=False)
+    assert (res.raw_losses != plain.raw_losses) == in_lr_find
+
+
 # ---- the result object -----------------------------------------------------------------------
 
 
@@ -404,6 +548,10 @@ def test_custom_suggestion_function():
     res = make().lr_find(num_it=30, suggest_funcs=("valley", middle))
     assert list(res.suggestions) == ["valley", "middle"]
     assert res.middle > 0
+    model = nn.Linear(4, 1)  # any iterable, read once, also by the standalone function
+    res = lrfind.lr_find(model, torch.optim.SGD(model.parameters(), lr=0.1), loader(),
+                         loss_func=F.mse_loss, num_it=30, suggest_funcs=iter(["valley", middle]))
+    assert list(res.suggestions) == ["valley", "middle"]
 
 
 def test_plot_headless_one_marker_per_suggestion():
@@ -448,6 +596,8 @@ BAD = [
     (dict(div_th=1), ValueError, r"^div_th must be > 1, got 1"),
     (dict(suggest_funcs=("minimum", "nope")), ValueError, r"^unknown suggestion 'nope'"),
     (dict(suggest_funcs=(3,)), TypeError, r"^suggest_funcs must hold names or functions"),
+    (dict(suggest_funcs=None), TypeError, r"^suggest_funcs must be names or functions, got None"),
+    (dict(stop_div="no"), TypeError, r"^stop_div must be a bool, got 'no'"),
 ]
 
 

@@ -259,6 +259,22 @@ def test_affine_loss_change_keeps_the_answer(name):
         assert SUGGESTIONS[name](lrs, 3 * losses - 2) == pytest.approx(expected)
 
 
+@pytest.mark.parametrize("scale", [1e-10, 1e250])
+@pytest.mark.parametrize("name", ["minimum", "steep", "valley", "auto"])
+def test_the_loss_scale_does_not_matter(name, scale):
+    for lrs, losses, _ in _noisy_curves(3):
+        expected = SUGGESTIONS[name](lrs, losses)
+        assert SUGGESTIONS[name](lrs, scale * losses) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("name", ["minimum", "steep", "auto"])
+def test_a_minimum_two_points_after_the_peak_stays_in_range(name):
+    # the start level is read from the peak up to the minimum, never from points after it
+    lrs = np.logspace(-6.7, -4.8, 6)
+    value = SUGGESTIONS[name](lrs, np.array([-0.47, -0.33, -0.30, 1.44, -0.53, 0.92]))
+    assert lrs[0] / 10 <= value <= lrs[-1]
+
+
 @pytest.mark.parametrize("name", ["minimum", "steep", "auto"])
 def test_answers_follow_a_shifted_curve(name):
     base = _log(SUGGESTIONS[name](LRS, DROP))
