@@ -222,19 +222,21 @@ def slide(
 ) -> float | None:
     """fastai's slide rule: slide a ``width``-point window left from the right end of the curve.
 
-    The slope is ``np.gradient(losses)`` on the index grid; return ``lrs[l]`` for the first
-    window ``(l, l + width)`` whose slopes differ by at most ``thresh`` (absolute loss units,
-    so the rule depends on the loss scale), or ``lrs[0]`` when no window qualifies. Needs
-    ``width + 1`` points.
+    The slope is ``np.gradient(losses)`` on the index grid; the window ``(l, l + width)``
+    moves left until its end slopes differ by at most ``thresh`` (absolute loss units, so the
+    rule depends on the loss scale). As in fastai, the answer is ``lrs[l]`` of the last window
+    that did not qualify (``lrs[n - 1 - width]`` when the first one does), and ``lrs[0]`` when
+    none does. Defaults: width=15, thresh=0.005; needs ``width + 1`` points.
     """
     data = _prepare(lrs, losses, width + 1, "slide")
     if data is None:
         return None
     lrs, losses = data
     grad = np.gradient(losses)
-    for right in range(len(losses) - 1, width - 1, -1):
+    last = len(losses) - 1
+    for right in range(last, width - 1, -1):
         if abs(grad[right] - grad[right - width]) <= thresh:
-            return float(lrs[right - width])
+            return float(lrs[right - width + (right < last)])
     return float(lrs[0])
 
 

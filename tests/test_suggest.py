@@ -142,8 +142,10 @@ def test_valley_on_a_v_shape():
 def test_slide_golden():
     i = np.arange(50.0)
     flat_then_quadratic = np.where(i < 29, 1.0, 1 + 0.02 * (i - 29) ** 2)
-    # slopes differ by > 0.005 across 15 points until the right end reaches index 28
-    assert slide(i + 1, flat_then_quadratic) == 14.0
+    # slopes differ by > 0.005 across 15 points until the right end reaches index 28; the
+    # answer is the left end of the window before, as in fastai 2.8 (checked against it)
+    assert slide(i + 1, flat_then_quadratic) == 15.0
+    assert slide(i[:30] + 1, np.ones(30)) == 15.0  # the first window qualifies: lrs[-16]
 
 
 def test_slide_returns_first_lr_when_no_window_is_flat():
