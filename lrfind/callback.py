@@ -79,6 +79,17 @@ class Callback:
     def after_epoch(self, learn: Learner) -> None: ...
     def after_fit(self, learn: Learner) -> None: ...
 
+    def state_dict(self) -> dict[str, Any]:
+        """What a :class:`Checkpoint` keeps of this callback to resume exactly (default none).
+
+        A callback that carries state from one epoch to the next overrides this and
+        :meth:`load_state_dict`, which a resumed fit calls right after ``before_fit``.
+        """
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Take back what :meth:`state_dict` returned."""
+
 
 def momentum_key(group: dict) -> str | None:
     """``"momentum"`` for SGD-like groups, ``"betas"`` for Adam-like ones, else None."""
@@ -173,6 +184,18 @@ class TorchScheduler(Callback):
         for group in learn.opt.param_groups:
             group.pop("initial_lr", None)  # else a scheduler from an earlier fit sets the base LR
         self.sched = self.sched_cls(learn.opt, *self.args, **self.kwargs)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The scheduler's state and the hyper-parameters of every group it drives."""
+        groups = [{k: v for k, v in g.items() if k != "params"}
+                  for g in self.sched.optimizer.param_groups]
+        return {"sched": self.sched.state_dict(), "groups": groups}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.sched.load_state_dict(state["sched"])
+        # building the scheduler in before_fit may have set LRs (LinearLR, OneCycleLR): undo it
+        for g, saved in zip(self.sched.optimizer.param_groups, state["groups"]):
+            g.update(saved)
 
     def after_step(self, learn: Learner) -> None:
         if self.interval != "batch":

@@ -17,8 +17,14 @@ if TYPE_CHECKING:
 FORMAT = "lrfind-checkpoint-1"
 
 
+def stateful_callbacks(learn: Learner, cbs: list[Callback]) -> list[Callback]:
+    """The callbacks among ``cbs`` with a ``state_dict`` of their own (the recorder aside)."""
+    return [cb for cb in cbs
+            if cb is not learn.recorder and type(cb).state_dict is not Callback.state_dict]
+
+
 def training_state(learn: Learner, mid_epoch: bool) -> dict[str, Any]:
-    """Everything needed to resume: model, optimizer, scaler, recorder, progress and RNGs.
+    """Everything to resume: model, optimizer, scaler, recorder, callbacks, progress and RNGs.
 
     At an epoch end the state points at the start of the next epoch; mid-epoch it holds the
     batches already seen and the RNG state of the epoch's start, to replay the same order.
@@ -30,6 +36,8 @@ def training_state(learn: Learner, mid_epoch: bool) -> dict[str, Any]:
         "opt": learn.opt.state_dict(),
         "scaler": None if learn.scaler is None else learn.scaler.state_dict(),
         "recorder": learn.recorder.state_dict(),
+        "callbacks": [(type(cb).__name__, cb.state_dict())
+                      for cb in stateful_callbacks(learn, [*learn.cbs, *learn._extra])],
         "epoch": learn.epoch if mid_epoch else learn.epoch + 1,
         "batches_done": learn.iter + 1 if mid_epoch else 0,
         "train_iter": learn.train_iter + 1 if mid_epoch else learn.train_iter,
@@ -41,8 +49,12 @@ def training_state(learn: Learner, mid_epoch: bool) -> dict[str, Any]:
     }
 
 
-def read_checkpoint(learn: Learner, path: str | os.PathLike, n_epoch: int) -> dict[str, Any]:
-    """Load and check a checkpoint against ``learn`` and ``n_epoch``; changes nothing."""
+def read_checkpoint(learn: Learner, path: str | os.PathLike, n_epoch: int,
+                    cbs: list[Callback]) -> dict[str, Any]:
+    """Load and check a checkpoint against ``learn``, ``n_epoch`` and the fit's ``cbs``.
+
+    Changes nothing.
+    """
     from .learner import check_state_dict
 
     if not os.path.isfile(path):
@@ -62,6 +74,11 @@ def read_checkpoint(learn: Learner, path: str | os.PathLike, n_epoch: int) -> di
     if state["total_steps"] != steps:
         raise ValueError(f"the checkpoint's run had {state['total_steps']} optimizer steps, this "
                          f"one would have {steps}: the loader or accum_steps changed")
+    saved = [name for name, _ in state.get("callbacks", [])]
+    names = [type(cb).__name__ for cb in stateful_callbacks(learn, [*learn.cbs, *cbs])]
+    if names != saved:
+        raise ValueError(f"the checkpoint holds the state of the callbacks {saved}, this fit "
+                         f"has {names}: resume with the same callbacks")
     return state
 
 
@@ -72,6 +89,7 @@ def apply_checkpoint(learn: Learner, state: dict[str, Any]) -> None:
     if learn.scaler is not None and state["scaler"] is not None:
         learn.scaler.load_state_dict(state["scaler"])
     learn.recorder.load_state_dict(state["recorder"])
+    learn.resume_cbs = [s for _, s in state.get("callbacks", [])]
     learn.epoch, learn.train_iter = state["epoch"], state["train_iter"]
     learn.resume_skip = state["batches_done"]
     if state["batches_done"]:
@@ -82,11 +100,21 @@ def apply_checkpoint(learn: Learner, state: dict[str, Any]) -> None:
     learn.resuming = True
 
 
+def load_callback_states(learn: Learner) -> None:
+    """Hand each stateful callback of a resumed fit its saved state (after ``before_fit``)."""
+    cbs = stateful_callbacks(learn, [*learn.cbs, *learn._extra])
+    for cb, state in zip(cbs, learn.resume_cbs, strict=True):
+        cb.load_state_dict(state)
+    learn.resume_cbs = None
+
+
 class Checkpoint(Callback):
     """Write the full training state to ``path`` atomically, every epoch or every N steps.
 
     ``every="epoch"`` (default) writes at each epoch end; an int N writes after every N-th
-    optimizer step. Resume with ``fit_one_cycle(..., resume_from=path)`` (same arguments).
+    optimizer step. Resume with ``fit_one_cycle(..., resume_from=path)`` (same arguments and
+    callbacks; the state of those with a ``state_dict``, such as :class:`EarlyStopping`,
+    :class:`SaveBest` and :class:`TorchScheduler`, is in the checkpoint too).
     """
 
     order = 80
@@ -125,6 +153,13 @@ class _Monitor(Callback):
     def before_fit(self, learn: Learner) -> None:
         self.best = math.inf if self.mode == "min" else -math.inf
 
+    def state_dict(self) -> dict[str, Any]:
+        """The best value so far."""
+        return {"best": self.best}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.best = state["best"]
+
     def improved(self, learn: Learner) -> bool:
         """Read this epoch's value; True (and remember it) when it beats the best."""
         value = learn.recorder.values[-1][self.monitor]
@@ -138,7 +173,9 @@ class _Monitor(Callback):
 class EarlyStopping(_Monitor):
     """Stop when ``monitor`` has not improved by more than ``min_delta`` for ``patience`` epochs.
 
-    Defaults: monitor "valid_loss", patience 3, min_delta 0, mode "min".
+    The decision is made at the end of an epoch and acted on before the next one, so the
+    callbacks after it (a :class:`Checkpoint`) still see the last epoch end. Defaults:
+    monitor "valid_loss", patience 3, min_delta 0, mode "min".
     """
 
     def __init__(self, monitor: str = "valid_loss", patience: int = 3, min_delta: float = 0.0,
@@ -150,12 +187,22 @@ class EarlyStopping(_Monitor):
         super().before_fit(learn)
         self.wait = 0
 
+    def state_dict(self) -> dict[str, Any]:
+        """The best value so far and the epochs since it."""
+        return {"best": self.best, "wait": self.wait}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.best, self.wait = state["best"], state["wait"]
+
+    def before_epoch(self, learn: Learner) -> None:
+        if self.wait >= self.patience:
+            raise CancelFitException
+
     def after_epoch(self, learn: Learner) -> None:
         self.wait = 0 if self.improved(learn) else self.wait + 1
         if self.wait >= self.patience:
             learn.print(f"early stopping after epoch {learn.epoch}: {self.monitor} has not "
                         f"improved for {self.patience} epochs (best {self.best:.6g})")
-            raise CancelFitException
 
 
 class SaveBest(_Monitor):

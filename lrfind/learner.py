@@ -191,6 +191,7 @@ class Learner:
         self.total_steps, self.steps_per_epoch = 0, 0
         self.resuming, self.fit_error, self.valid_result = False, None, None
         self.resume_skip, self.resume_rng, self.epoch_rng = 0, None, None
+        self.resume_cbs: list[dict] | None = None  # states of stateful callbacks, to resume
         self.sched_args: dict[str, Any] = {}
         self.is_main = self.rank == 0
 
@@ -330,6 +331,10 @@ class Learner:
         with self._with_cbs(cbs, only):
             try:
                 self._event("before_fit")
+                if self.resume_cbs is not None:
+                    from .checkpoint import load_callback_states
+
+                    load_callback_states(self)
                 for epoch in range(self.epoch, n_epoch):
                     self.epoch, self.valid_result = epoch, None
                     try:
@@ -382,7 +387,8 @@ class Learner:
         for cb in [*self.cbs, *cbs]:  # a callback that reads a monitored value names it
             if getattr(cb, "monitor", None) is not None:
                 self.check_monitor(cb.monitor)
-        state = None if resume_from is None else read_checkpoint(self, resume_from, n_epoch)
+        state = None if resume_from is None else read_checkpoint(self, resume_from, n_epoch,
+                                                                 cbs)
         if state is not None:
             lrs = state["sched"]["lrs"] if auto else lrs
             if state["sched"] != {"method": method, "lrs": lrs, **args}:

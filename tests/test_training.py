@@ -208,6 +208,66 @@ def test_early_stopping_and_save_best(tmp_path):
         EarlyStopping(patience=0)
 
 
+VALUES = [1.0, 0.5, 0.6, 0.4, 0.7, 0.8, 0.9, 0.9]
+
+
+class FakeValid(Callback):
+    """Writes VALUES[epoch] as the epoch's valid loss."""
+
+    order = 51  # after the recorder (50) wrote the row, before a scheduler or monitor reads it
+
+    def after_epoch(self, learn):
+        learn.recorder.values[-1]["valid_loss"] = VALUES[learn.epoch]
+
+
+def test_resume_with_early_stopping_and_save_best_is_exact(tmp_path):
+    def cbs(out):
+        return [FakeValid(), Checkpoint(out / "ck.pt"), EarlyStopping(patience=2),
+                SaveBest(out / "best.pt")]
+
+    (tmp_path / "full").mkdir()
+    (tmp_path / "cut").mkdir()
+    full = make_learner()
+    full.fit_one_cycle(8, 1e-2, cbs=cbs(tmp_path / "full"))
+    assert len(full.recorder.values) == 6  # best at epoch 3, no better at 4 and 5
+    cut = make_learner()
+    with pytest.raises(KeyboardInterrupt):
+        cut.fit_one_cycle(8, 1e-2, cbs=[*cbs(tmp_path / "cut"), StopAt(3)])
+    resumed = make_learner()
+    resumed.fit_one_cycle(8, 1e-2, cbs=cbs(tmp_path / "cut"), resume_from=tmp_path / "cut/ck.pt")
+    assert len(resumed.recorder.values) == 6
+    assert same(weights(full), weights(resumed))
+    for name in ("best.pt", "ck.pt"):
+        a, b = (torch.load(tmp_path / run / name, weights_only=False) for run in ("full", "cut"))
+        assert same(list(a["model"].values()), list(b["model"].values())), name
+    assert torch.load(tmp_path / "cut/ck.pt", weights_only=False)["epoch"] == 6  # the last one
+    with pytest.raises(ValueError, match=r"callbacks \['EarlyStopping', 'SaveBest'\], this fit "
+                                         r"has \['SaveBest'\]: resume with the same callbacks"):
+        resumed.fit_one_cycle(8, 1e-2, cbs=[SaveBest(tmp_path / "x.pt")],
+                              resume_from=tmp_path / "cut/ck.pt")
+
+
+@pytest.mark.parametrize("sched", [
+    (torch.optim.lr_scheduler.StepLR, {"step_size": 3, "gamma": 0.5}),
+    (torch.optim.lr_scheduler.LinearLR, {"start_factor": 0.25, "total_iters": 4}),
+    (torch.optim.lr_scheduler.ReduceLROnPlateau, {"patience": 0, "factor": 0.5}),
+])
+def test_resume_with_a_torch_scheduler_is_exact(tmp_path, sched):
+    def cbs():
+        return [FakeValid(), lrfind.TorchScheduler(sched[0], **sched[1])]
+
+    full = make_learner()
+    full.fit(7, 1e-2, cbs=cbs())
+    cut = make_learner()
+    with pytest.raises(KeyboardInterrupt):
+        cut.fit(7, 1e-2, cbs=[*cbs(), Checkpoint(tmp_path / "ck.pt"), StopAt(3)])
+    resumed = make_learner()
+    resumed.fit(7, 1e-2, cbs=cbs(), resume_from=tmp_path / "ck.pt")
+    assert len(set(full.recorder.lrs)) > 1  # the scheduler moved the LR
+    assert resumed.recorder.lrs == full.recorder.lrs
+    assert same(weights(full), weights(resumed))
+
+
 def test_non_finite_loss_stops_with_epoch_and_step(tmp_path):
     learn = make_learner()
     steps = [0]
