@@ -5,7 +5,8 @@
 1. Loop overhead of lrfind, fastai, torch-lr-finder and Lightning against raw PyTorch loops.
 2. Peak memory of ``lr_find`` against a raw range test.
 3. Import time of ``lrfind`` on top of ``torch``.
-4. LR suggestions of lrfind and of the anchors: spread over seeds and regret after training.
+4. Real training: bf16 against fp32 on CPU, two processes against one (``training.py``).
+5. LR suggestions of lrfind and of the anchors: spread over seeds and regret after training.
 
 An anchor that is not installed (see README.md) is skipped with a note, and one that crashes
 on a task is reported in its row; neither stops the run.
@@ -36,6 +37,7 @@ os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.g
 import anchors  # noqa: E402
 import overhead  # noqa: E402
 import tasks  # noqa: E402
+import training  # noqa: E402
 
 import lrfind  # noqa: E402
 from lrfind.learner import AUTO_NUM_IT  # noqa: E402
@@ -314,6 +316,9 @@ INTRO = {
               "included), lr_find against the raw loop.",
     "import": "Fresh interpreter processes, alternating; the difference of medians is noisy, "
               "the in-process time of `import lrfind` (torch already imported) is not.",
+    "training": "`fit_one_cycle` on a small CNN: bf16 autocast against fp32 (time per batch, "
+                "one thread, alternating runs, median of pairs), and one process against two "
+                "under torchrun with the same global batch (time per epoch, one thread each).",
     "suggestions": "Per task: the median suggestion over the seeds, the std of log10 of the "
                    "suggestions over the seeds, and regret = (L(s) - L(best)) / (L(untrained) - "
                    "L(best)), L the valid loss after one-cycle at that LR, best over a log grid. "
@@ -342,7 +347,9 @@ def main(argv: list[str] | None = None) -> str:
          lambda: overhead_section(pairs, epochs, num_it)),
         ("memory", "2. Peak memory of the range test", memory_section),
         ("import", "3. Import time", lambda: import_section(runs)),
-        ("suggestions", "4. LR suggestions: spread over seeds and regret",
+        ("training", "4. Real training: bf16 and several processes",
+         lambda: training.tables(args.quick)),
+        ("suggestions", "5. LR suggestions: spread over seeds and regret",
          lambda: suggestion_section(args.quick)),
     ]
     for key, title, run in sections:

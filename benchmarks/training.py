@@ -111,13 +111,10 @@ def ddp_epoch_time(nproc: int, n: int, epochs: int) -> float:
             return json.load(f)
 
 
-def main(argv: list[str] | None = None) -> str:
-    """Print (and return) the tables."""
-    parser = argparse.ArgumentParser(description="bf16 vs fp32 on CPU; 2 processes vs 1")
-    parser.add_argument("--quick", action="store_true")
-    args = parser.parse_args(argv)
+def tables(quick: bool) -> str:
+    """The tables, as markdown."""
     torch.set_num_threads(1)
-    n_pairs, n = (3, 512) if args.quick else (5, 1024)
+    n_pairs, n = (3, 512) if quick else (5, 1024)
     dl = data(n, 64)
     r, bf, fp = pairs(lambda: fit_time("bf16", dl), lambda: fit_time("32", dl), n_pairs)
     lines = ["| small CNN, CPU, 1 thread | ms/batch |", "|---|---|",
@@ -136,7 +133,14 @@ def main(argv: list[str] | None = None) -> str:
             r, ours, raw = pairs(lambda p=p: fit_time(p, gdl, "cuda"),
                                  lambda p=p: raw_amp_time(p, gdl), n_pairs)
             lines.append(f"| {p} | {ours * 1e3:.2f} | {raw * 1e3:.2f} | {r:.3f} |")
-    out = "\n".join(lines)
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> str:
+    """Print (and return) the tables."""
+    parser = argparse.ArgumentParser(description="bf16 vs fp32 on CPU; 2 processes vs 1")
+    parser.add_argument("--quick", action="store_true")
+    out = tables(parser.parse_args(argv).quick)
     print(out)
     return out
 
