@@ -2,8 +2,8 @@
 
 The sweep runs in the learner's own loop (so mixed precision, gradient accumulation, clipping
 and multi-process training behave as in a fit), with only the callbacks marked ``in_lr_find``
-attached (none by default), and leaves
-the model, optimizer, RNGs and loader exactly as they were: see :func:`preserved`.
+attached (none by default), and leaves the model, optimizer, RNGs and loader exactly as they
+were: see :func:`preserved`.
 """
 
 from __future__ import annotations
@@ -131,8 +131,9 @@ class LRFindResult:
     """The outcome of a range test.
 
     Unpacks into the requested suggestions in order (``lr_min, lr_steep = res``); each is also
-    an attribute (``res.minimum``) and an entry of ``res.suggestions``. ``lrs`` are the LRs that
-    produced each loss, ``losses`` the smoothed losses, ``raw_losses`` the batch losses.
+    an attribute (``res.minimum``) and an entry of ``res.suggestions``. ``lrs[k]`` is the LR of
+    the optimizer step taken on the batch whose loss is ``raw_losses[k]`` (computed just before
+    that step); ``losses`` are the smoothed losses.
     """
 
     def __init__(self, lrs: list[float], raw_losses: list[float], losses: list[float],
@@ -330,8 +331,9 @@ def lr_find(model: nn.Module, optimizer: torch.optim.Optimizer, train_dl: Any, *
     each group's ratio to the last group. The loss is smoothed by a debiased EMA (``beta``);
     the sweep stops when the smoothed loss exceeds ``div_th`` times its best (``stop_div``), at
     a non-finite loss, or after ``num_it`` steps. The loader cycles when shorter than
-    ``num_it``. Defaults: 1e-7 to 10 over 100 steps, div_th 4, beta 0.98, suggestions
-    ``minimum`` and ``steep``. ``show_plot`` draws the curve in notebooks only.
+    ``num_it``. Defaults: 1e-7 to 10 over 100 steps, mode "exp", stop_div True, div_th 4,
+    beta 0.98, suggestions ``minimum`` and ``steep``, progress False. ``show_plot`` (default
+    True) draws the curve in notebooks only.
     """
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {optimizer!r}")

@@ -443,8 +443,11 @@ class Learner:
                      pct_start: float = 0.75, wd: float | None = None,
                      cbs: Sequence[Callback] | None = None,
                      resume_from: str | os.PathLike | None = None) -> None:
-        """Flat LR for ``pct_start`` of training, then cosine to ``lr/div_final`` (defaults 0.75,
-        1e5)."""
+        """Flat LR, then cosine annealing: fastai's ``fit_flat_cos``.
+
+        ``lr`` for ``pct_start`` of training, then cosine to ``lr/div_final``. Defaults:
+        lr from the learner, div_final=1e5, pct_start=0.75.
+        """
         schedules.flat_cos(1.0, div_final, pct_start)
         args = {"div_final": div_final, "pct_start": pct_start}
         self._run(n_epoch, lr, wd, cbs, resume_from, "flat_cos", args, lambda lrs: {
@@ -470,8 +473,12 @@ class Learner:
                           warmup_pct: float = 0.1, div: float = 25.0, div_final: float = 1e5,
                           wd: float | None = None, cbs: Sequence[Callback] | None = None,
                           resume_from: str | os.PathLike | None = None) -> None:
-        """Linear warmup ``lr_max/div -> lr_max`` over ``warmup_pct``, then cosine to
-        ``lr_max/div_final`` (defaults 0.1, 25, 1e5)."""
+        """Linear warmup, then cosine annealing.
+
+        Linear ``lr_max/div -> lr_max`` over ``warmup_pct``, then cosine to
+        ``lr_max/div_final``. Defaults: lr_max from the learner, warmup_pct=0.1, div=25,
+        div_final=1e5.
+        """
         schedules.warmup_cosine(1.0, warmup_pct, div, div_final)
         args = {"warmup_pct": warmup_pct, "div": div, "div_final": div_final}
         self._run(n_epoch, lr_max, wd, cbs, resume_from, "warmup_cosine", args, lambda lrs: {
@@ -479,9 +486,14 @@ class Learner:
 
     def fine_tune(self, epochs: int, base_lr: float = 2e-3, freeze_epochs: int = 1,
                   lr_mult: float = 100, pct_start: float = 0.3, div: float = 5.0) -> None:
-        """Train the last group (and, with ``train_bn``, every normalisation layer) for
-        ``freeze_epochs`` (one-cycle, pct_start 0.99), then all groups for ``epochs`` with LRs
-        ``slice(base_lr/2/lr_mult, base_lr/2)``."""
+        """Fine-tune a pretrained model: the head first, then everything.
+
+        First the last group (and, with ``train_bn``, every normalisation layer) for
+        ``freeze_epochs`` with one-cycle at ``slice(base_lr)``, pct_start 0.99; then all
+        groups for ``epochs`` with one-cycle at ``slice(base_lr/2/lr_mult, base_lr/2)``,
+        ``pct_start`` and ``div``. Defaults: base_lr=2e-3, freeze_epochs=1, lr_mult=100,
+        pct_start=0.3, div=5.
+        """
         check_int("epochs", epochs)
         check_int("freeze_epochs", freeze_epochs, low=0)
         check_positive("base_lr", base_lr)
@@ -513,8 +525,10 @@ class Learner:
                 m.training = mode
 
     def validate(self, dl: Any = None) -> dict[str, float]:
-        """``{"valid_loss": ..., <metric>: ...}`` on ``dl`` (default the validation loader),
-        each averaged over samples (batch means weighted by batch size)."""
+        """Loss and metrics on ``dl`` (default the validation loader), averaged over samples.
+
+        Returns ``{"valid_loss": ..., <metric>: ...}``; batch means are weighted by batch size.
+        """
         dl = self.valid_dl if dl is None else dl
         if dl is None:
             raise ValueError("no dl given and the learner has no valid_dl")

@@ -118,9 +118,10 @@ def join(phases: Sequence[Schedule], pcts: Sequence[float]) -> Schedule:
 
 def one_cycle(lr_max: float, div: float = 25.0, div_final: float = 1e5,
               pct_start: float = 0.25) -> Schedule:
-    """One-cycle LR: cosine ``lr_max/div -> lr_max`` over ``pct_start``, then cosine
-    ``lr_max -> lr_max/div_final``. Defaults: div=25, div_final=1e5 (relative to lr_max),
-    pct_start=0.25.
+    """One-cycle learning rate: a cosine warm-up, then a cosine decay.
+
+    Cosine ``lr_max/div -> lr_max`` over ``pct_start``, then cosine ``lr_max ->
+    lr_max/div_final``. Defaults: div=25, div_final=1e5 (relative to lr_max), pct_start=0.25.
 
     >>> f = one_cycle(0.1)
     >>> round(f(0), 6), f(0.25), round(f(1), 9)
@@ -134,8 +135,10 @@ def one_cycle(lr_max: float, div: float = 25.0, div_final: float = 1e5,
 
 
 def one_cycle_moms(moms: Sequence[float] = (0.95, 0.85, 0.95), pct_start: float = 0.25) -> Schedule:
-    """One-cycle momentum: cosine ``moms[0] -> moms[1]`` over ``pct_start``, then
-    ``moms[1] -> moms[2]``. Default moms (0.95, 0.85, 0.95).
+    """One-cycle momentum: down while the LR warms up, back up while it decays.
+
+    Cosine ``moms[0] -> moms[1]`` over ``pct_start``, then cosine ``moms[1] -> moms[2]``.
+    Defaults: moms=(0.95, 0.85, 0.95), pct_start=0.25.
 
     >>> f = one_cycle_moms()
     >>> f(0), f(0.25), f(1)
@@ -149,7 +152,8 @@ def one_cycle_moms(moms: Sequence[float] = (0.95, 0.85, 0.95), pct_start: float 
 
 
 def flat_cos(lr: float, div_final: float = 1e5, pct_start: float = 0.75) -> Schedule:
-    """Flat then cosine: ``lr`` for ``pct_start``, then cosine ``lr -> lr/div_final``.
+    """Flat, then cosine: ``lr`` for ``pct_start``, then cosine ``lr -> lr/div_final``.
+
     Defaults: div_final=1e5, pct_start=0.75.
 
     >>> f = flat_cos(0.1)
@@ -164,8 +168,10 @@ def flat_cos(lr: float, div_final: float = 1e5, pct_start: float = 0.75) -> Sche
 
 def warmup_cosine(lr_max: float, warmup_pct: float = 0.1, div: float = 25.0,
                   div_final: float = 1e5) -> Schedule:
-    """Linear warmup ``lr_max/div -> lr_max`` over ``warmup_pct``, then cosine
-    ``lr_max -> lr_max/div_final``. Defaults: warmup_pct=0.1, div=25, div_final=1e5.
+    """Linear warmup, then cosine decay.
+
+    Linear ``lr_max/div -> lr_max`` over ``warmup_pct``, then cosine ``lr_max ->
+    lr_max/div_final``. Defaults: warmup_pct=0.1, div=25, div_final=1e5.
 
     >>> f = warmup_cosine(1.0)
     >>> f(0), f(0.1), round(f(1), 9)
@@ -179,8 +185,10 @@ def warmup_cosine(lr_max: float, warmup_pct: float = 0.1, div: float = 25.0,
 
 
 def sgdr(lr_max: float, n_cycles: int, cycle_mult: float = 2.0, lr_min: float = 0.0) -> Schedule:
-    """Cosine with warm restarts: ``n_cycles`` cosines ``lr_max -> lr_min``, cycle i lasting
-    ``cycle_mult ** i`` times the first. Defaults: cycle_mult=2, lr_min=0.
+    """Cosine with warm restarts (SGDR).
+
+    ``n_cycles`` cosines ``lr_max -> lr_min``, cycle i lasting ``cycle_mult ** i`` times the
+    first. Defaults: cycle_mult=2, lr_min=0.
 
     >>> f = sgdr(1.0, 2, cycle_mult=1)
     >>> f(0), f(0.25), f(0.5)
