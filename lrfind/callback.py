@@ -170,6 +170,12 @@ class TorchScheduler(Callback):
             raise TypeError(f"sched_cls must be a scheduler class, got {sched_cls!r}")
         if interval not in ("epoch", "batch"):
             raise ValueError(f"interval must be 'epoch' or 'batch', got {interval!r}")
+        try:  # missing or unknown arguments show now, not after fit has set the LRs
+            probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0, momentum=0.9)
+            sched_cls(probe, *args, **kwargs)
+        except TypeError as e:
+            raise TypeError(f"sched_cls {getattr(sched_cls, '__name__', sched_cls)!r} rejects "
+                            f"the arguments {args!r}, {kwargs!r}: {e}") from None
         self.sched_cls, self.args, self.kwargs = sched_cls, args, kwargs
         self.interval = interval
         self.plateau = isinstance(sched_cls, type) and issubclass(
@@ -179,6 +185,11 @@ class TorchScheduler(Callback):
         self.monitor = monitor if self.plateau else None  # checked by the learner up front
         if self.plateau and interval == "batch":
             raise ValueError("interval must be 'epoch' for ReduceLROnPlateau, got 'batch'")
+
+    def __repr__(self) -> str:
+        name = getattr(self.sched_cls, "__name__", repr(self.sched_cls))
+        return (f"TorchScheduler({name}, args={self.args!r}, kwargs={self.kwargs!r}, "
+                f"interval={self.interval!r}, monitor={self.monitor!r})")
 
     def before_fit(self, learn: Learner) -> None:
         for group in learn.opt.param_groups:
@@ -209,6 +220,8 @@ class TorchScheduler(Callback):
         if self.interval != "epoch":
             return
         if self.plateau:
-            self.sched.step(learn.recorder.values[-1][self.monitor])
+            value = learn.recorder.values[-1].get(self.monitor)
+            if value is not None:  # None: the epoch was cancelled before validation
+                self.sched.step(value)
         else:
             self.sched.step()

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .callback import Callback, CancelFitException
-from .utils import atomic_save, check_int, set_rng_state
+from .utils import atomic_save, check_int, check_path, set_rng_state
 
 if TYPE_CHECKING:
     from .learner import Learner
@@ -21,6 +21,11 @@ def stateful_callbacks(learn: Learner, cbs: list[Callback]) -> list[Callback]:
     """The callbacks among ``cbs`` with a ``state_dict`` of their own (the recorder aside)."""
     return [cb for cb in cbs
             if cb is not learn.recorder and type(cb).state_dict is not Callback.state_dict]
+
+
+def describe(cb: Callback) -> str:
+    """How a checkpoint names a callback: its repr when it has one, else its class name."""
+    return repr(cb) if type(cb).__repr__ is not object.__repr__ else type(cb).__name__
 
 
 def training_state(learn: Learner, mid_epoch: bool) -> dict[str, Any]:
@@ -36,7 +41,7 @@ def training_state(learn: Learner, mid_epoch: bool) -> dict[str, Any]:
         "opt": learn.opt.state_dict(),
         "scaler": None if learn.scaler is None else learn.scaler.state_dict(),
         "recorder": learn.recorder.state_dict(),
-        "callbacks": [(type(cb).__name__, cb.state_dict())
+        "callbacks": [(describe(cb), cb.state_dict())
                       for cb in stateful_callbacks(learn, [*learn.cbs, *learn._extra])],
         "epoch": learn.epoch if mid_epoch else learn.epoch + 1,
         "batches_done": learn.iter + 1 if mid_epoch else 0,
@@ -57,15 +62,16 @@ def read_checkpoint(learn: Learner, path: str | os.PathLike, n_epoch: int,
     """
     from .learner import check_state_dict
 
+    path = check_path("resume_from", path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"resume_from {os.fspath(path)!r} does not exist")
+        raise FileNotFoundError(f"resume_from {path!r} does not exist")
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:
-        raise ValueError(f"resume_from {os.fspath(path)!r} is not an lrfind checkpoint "
+        raise ValueError(f"resume_from {path!r} is not an lrfind checkpoint "
                          f"({type(e).__name__})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise ValueError(f"resume_from {os.fspath(path)!r} is not an lrfind checkpoint")
+        raise ValueError(f"resume_from {path!r} is not an lrfind checkpoint")
     check_state_dict(learn.model, state["model"])
     if state["n_epoch"] != n_epoch:
         raise ValueError(f"n_epoch is {n_epoch} but the checkpoint was written by a fit of "
@@ -75,7 +81,7 @@ def read_checkpoint(learn: Learner, path: str | os.PathLike, n_epoch: int,
         raise ValueError(f"the checkpoint's run had {state['total_steps']} optimizer steps, this "
                          f"one would have {steps}: the loader or accum_steps changed")
     saved = [name for name, _ in state.get("callbacks", [])]
-    names = [type(cb).__name__ for cb in stateful_callbacks(learn, [*learn.cbs, *cbs])]
+    names = [describe(cb) for cb in stateful_callbacks(learn, [*learn.cbs, *cbs])]
     if names != saved:
         raise ValueError(f"the checkpoint holds the state of the callbacks {saved}, this fit "
                          f"has {names}: resume with the same callbacks")
@@ -122,7 +128,7 @@ class Checkpoint(Callback):
     def __init__(self, path: str | os.PathLike, every: str | int = "epoch") -> None:
         if every != "epoch":
             check_int("every", every)
-        self.path, self.every = os.fspath(path), every
+        self.path, self.every = check_path("path", path), every
 
     def _save(self, learn: Learner, mid_epoch: bool) -> None:
         state = training_state(learn, mid_epoch)
@@ -130,8 +136,10 @@ class Checkpoint(Callback):
             atomic_save(state, self.path)
 
     def after_step(self, learn: Learner) -> None:
+        # Always "mid-epoch", also after an epoch's last step: validation and after_epoch
+        # have not run yet, so a resume replays the epoch's end from here.
         if self.every != "epoch" and (learn.train_iter + 1) % self.every == 0:
-            self._save(learn, mid_epoch=learn.iter + 1 < len(learn.train_dl))
+            self._save(learn, mid_epoch=True)
 
     def after_epoch(self, learn: Learner) -> None:
         if self.every == "epoch":
@@ -150,6 +158,13 @@ class _Monitor(Callback):
             raise ValueError(f"min_delta must be a number >= 0, got {min_delta!r}")
         self.monitor, self.mode, self.min_delta = monitor, mode, float(min_delta)
 
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(monitor={self.monitor!r}, mode={self.mode!r}, "
+                f"min_delta={self.min_delta!r}{self._more()})")
+
+    def _more(self) -> str:
+        return ""
+
     def before_fit(self, learn: Learner) -> None:
         self.best = math.inf if self.mode == "min" else -math.inf
 
@@ -160,9 +175,14 @@ class _Monitor(Callback):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.best = state["best"]
 
-    def improved(self, learn: Learner) -> bool:
-        """Read this epoch's value; True (and remember it) when it beats the best."""
-        value = learn.recorder.values[-1][self.monitor]
+    def improved(self, learn: Learner) -> bool | None:
+        """Read this epoch's value; True (and remember it) when it beats the best.
+
+        None when the epoch has no such value (it was cancelled before validation).
+        """
+        value = learn.recorder.values[-1].get(self.monitor)
+        if value is None:
+            return None
         better = (value < self.best - self.min_delta if self.mode == "min"
                   else value > self.best + self.min_delta)
         if better:
@@ -183,6 +203,9 @@ class EarlyStopping(_Monitor):
         super().__init__(monitor, mode, min_delta)
         self.patience = check_int("patience", patience)
 
+    def _more(self) -> str:
+        return f", patience={self.patience!r}"
+
     def before_fit(self, learn: Learner) -> None:
         super().before_fit(learn)
         self.wait = 0
@@ -199,7 +222,10 @@ class EarlyStopping(_Monitor):
             raise CancelFitException
 
     def after_epoch(self, learn: Learner) -> None:
-        self.wait = 0 if self.improved(learn) else self.wait + 1
+        improved = self.improved(learn)
+        if improved is None:
+            return
+        self.wait = 0 if improved else self.wait + 1
         if self.wait >= self.patience:
             learn.print(f"early stopping after epoch {learn.epoch}: {self.monitor} has not "
                         f"improved for {self.patience} epochs (best {self.best:.6g})")
@@ -214,7 +240,10 @@ class SaveBest(_Monitor):
     def __init__(self, path: str | os.PathLike, monitor: str = "valid_loss",
                  mode: str = "min") -> None:
         super().__init__(monitor, mode)
-        self.path = os.fspath(path)
+        self.path = check_path("path", path)
+
+    def _more(self) -> str:
+        return f", path={self.path!r}"
 
     def after_epoch(self, learn: Learner) -> None:
         if self.improved(learn):

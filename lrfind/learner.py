@@ -198,13 +198,27 @@ class Learner:
     # ---- callbacks -------------------------------------------------------------------------
     def add_cb(self, cb: Callback) -> None:
         """Add a callback for all later fits."""
-        self.cbs.append(_check_cbs([cb])[0])
+        self.cbs.append(self._new_cbs([cb], "cb")[0])
         self._sort_handlers()
 
     def remove_cb(self, cb: Callback) -> None:
         """Remove a callback added earlier."""
-        self.cbs.remove(cb)
+        if not any(c is cb for c in self.cbs):
+            raise ValueError(f"cb {cb!r} is not one of this learner's callbacks")
+        self.cbs = [c for c in self.cbs if c is not cb]
         self._sort_handlers()
+
+    def _new_cbs(self, cbs: Any, name: str = "cbs") -> list[Callback]:
+        """``cbs`` as a checked list; a callback already in it or in the learner's is refused
+        (its events would fire twice) and so is a monitor the recorder does not write."""
+        cbs = _check_cbs(cbs, name)
+        for i, cb in enumerate(cbs):
+            if any(c is cb for c in [*self.cbs, *cbs[:i]]):
+                raise ValueError(f"{name} holds {cb!r} twice or one the learner already has")
+        for cb in [*self.cbs, *cbs]:  # a callback that reads a monitored value names it
+            if getattr(cb, "monitor", None) is not None:
+                self.check_monitor(cb.monitor)
+        return cbs
 
     def _sort_handlers(self, only: list[Callback] | None = None) -> None:
         cbs = sorted(self.cbs + self._extra if only is None else only, key=lambda c: c.order)
@@ -290,10 +304,14 @@ class Learner:
                     (self.loss_grad if self.scaler is None else
                      self.scaler.scale(self.loss_grad)).backward()
                 loss = self.loss.detach()
-                self.step_loss = loss if self.iter % accum == 0 else self.step_loss + loss
+                # the step's loss: the mean over the batches that reached here (a batch
+                # cancelled before its loss counts for neither the loss nor the gradient)
+                self.step_loss = loss if self.step_n == 0 else self.step_loss + loss
+                self.step_n += 1
                 if stepping:
-                    if size > 1:
-                        self.step_loss = self.step_loss / size
+                    if self.step_n > 1:
+                        self.step_loss = self.step_loss / self.step_n
+                    self.step_n = 0
                     self._step()
                 self._event("after_batch")
             except CancelBatchException:
@@ -327,7 +345,7 @@ class Learner:
         self.total_steps = n_epoch * self.steps_per_epoch
         if not self.resuming:
             self.epoch, self.train_iter = 0, 0
-        self.fit_error = None
+        self.fit_error, self.step_n = None, 0
         with self._with_cbs(cbs, only):
             try:
                 self._event("before_fit")
@@ -352,8 +370,9 @@ class Learner:
             except BaseException as e:
                 self.fit_error = e
                 raise
-            finally:
-                self.resuming = False
+            finally:  # a resume that failed early must not leak into the next fit
+                self.resuming, self.resume_skip, self.resume_rng = False, 0, None
+                self.resume_cbs = None
                 self._event("after_fit")
 
     # ---- public training API ---------------------------------------------------------------
@@ -383,18 +402,16 @@ class Learner:
         lrs = None if auto else self._lrs(lr, name)
         if wd is not None and check_number("wd", wd) < 0:
             raise ValueError(f"wd must be >= 0, got {wd!r}")
-        cbs = _check_cbs(cbs)
-        for cb in [*self.cbs, *cbs]:  # a callback that reads a monitored value names it
-            if getattr(cb, "monitor", None) is not None:
-                self.check_monitor(cb.monitor)
+        cbs = self._new_cbs(cbs)
         state = None if resume_from is None else read_checkpoint(self, resume_from, n_epoch,
                                                                  cbs)
+        # what a checkpoint must match to resume: the call and what shapes its steps
+        call = {"method": method, "lrs": lrs, "wd": wd, "accum_steps": self.accum_steps, **args}
         if state is not None:
-            lrs = state["sched"]["lrs"] if auto else lrs
-            if state["sched"] != {"method": method, "lrs": lrs, **args}:
-                raise ValueError(f"resume_from was written by {state['sched']}, not by "
-                                 f"{ {'method': method, 'lrs': lrs, **args} }: resume with "
-                                 "the same call")
+            call["lrs"] = lrs = state["sched"]["lrs"] if auto else lrs
+            if state["sched"] != call:
+                raise ValueError(f"resume_from was written by {state['sched']}, not by {call}: "
+                                 "resume with the same call")
         elif auto:
             found = self.lr_find(num_it=AUTO_NUM_IT, suggest_funcs=("auto",),
                                  show_plot=False).auto
@@ -403,7 +420,7 @@ class Learner:
             if self.progress:
                 self.print(f"{name}='auto': {found:.3g}, from a range test of {AUTO_NUM_IT} steps")
             lrs = self._lrs(found)
-        self.sched_args = {"method": method, "lrs": lrs, **args}
+        self.sched_args = {**call, "lrs": lrs}
         if state is not None:
             apply_checkpoint(self, state)
         else:
@@ -499,6 +516,7 @@ class Learner:
         check_positive("base_lr", base_lr)
         check_positive("lr_mult", lr_mult)
         schedules.one_cycle(1.0, div, 1e5, pct_start)
+        self._new_cbs([])  # the learner's monitors, before freeze changes anything
         if freeze_epochs:
             self.freeze()
             self.fit_one_cycle(freeze_epochs, slice(base_lr), pct_start=0.99)
@@ -529,9 +547,7 @@ class Learner:
 
         Returns ``{"valid_loss": ..., <metric>: ...}``; batch means are weighted by batch size.
         """
-        dl = self.valid_dl if dl is None else dl
-        if dl is None:
-            raise ValueError("no dl given and the learner has no valid_dl")
+        dl = self._eval_loader(dl)
         n, sums = 0, [0.0] * (1 + len(self.metrics))
         with self._eval_mode():
             for batch in dl:
@@ -548,9 +564,7 @@ class Learner:
 
     def get_preds(self, dl: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Model outputs and targets over ``dl`` (default the validation loader), on the CPU."""
-        dl = self.valid_dl if dl is None else dl
-        if dl is None:
-            raise ValueError("no dl given and the learner has no valid_dl")
+        dl = self._eval_loader(dl)
         preds, targets = [], []
         with self._eval_mode():
             for batch in dl:
@@ -559,7 +573,17 @@ class Learner:
                     raise TypeError("get_preds needs (x, y) or (x1, ..., xn, y) batches")
                 preds.append(self.model(*batch[:-1]).float().cpu())
                 targets.append(batch[-1].cpu())
+        if not preds:
+            raise ValueError("dl is empty: no predictions from no batches")
         return torch.cat(preds), torch.cat(targets)
+
+    def _eval_loader(self, dl: Any) -> Any:
+        dl = self.valid_dl if dl is None else dl
+        if dl is None:
+            raise ValueError("no dl given and the learner has no valid_dl")
+        if not hasattr(dl, "__iter__"):
+            raise TypeError(f"dl must be an iterable of batches such as a DataLoader, got {dl!r}")
+        return dl
 
     # ---- parameters ------------------------------------------------------------------------
     def freeze_to(self, n: int) -> None:

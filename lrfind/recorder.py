@@ -42,6 +42,7 @@ class Recorder(Callback):
         self.moms: list[float | None] = []
         self._losses: list[float] = []
         self._pending: list[torch.Tensor] = []
+        self._epoch_start = 0  # index in the losses of the current epoch's first step
         self.values: list[dict[str, float]] = []
         self.lr_find_result: Any = None
 
@@ -76,22 +77,24 @@ class Recorder(Callback):
 
     def state_dict(self) -> dict[str, Any]:
         """History as plain Python values (for checkpoints)."""
-        return {"lrs": self.lrs, "moms": self.moms, "losses": self.losses, "values": self.values}
+        return {"lrs": self.lrs, "moms": self.moms, "losses": self.losses, "values": self.values,
+                "epoch_start": self._epoch_start}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore the history saved by :meth:`state_dict`."""
         self.lrs, self.moms = list(state["lrs"]), list(state["moms"])
         self._losses, self.values = list(state["losses"]), [dict(v) for v in state["values"]]
         self._pending = []
+        self._epoch_start = state.get("epoch_start", len(self._losses))
 
     def before_fit(self, learn: Learner) -> None:
         if not learn.resuming:
             self.lrs, self.moms, self._losses, self._pending, self.values = [], [], [], [], []
-        self.before_epoch(learn)  # set again at each epoch end: a cancelled before_epoch is fine
-
-    def before_epoch(self, learn: Learner) -> None:
+            self._epoch_start = 0
+        # A mid-epoch resume keeps the loaded epoch start, so the epoch's train_loss averages
+        # all of its steps. It moves on at each epoch end, not in before_epoch, which a
+        # resumed epoch also fires and an earlier callback may cancel.
         self._start_time = time.perf_counter()
-        self._epoch_start = len(self._losses) + len(self._pending)
 
     def after_step(self, learn: Learner) -> None:
         group = learn.opt.param_groups[-1]
@@ -110,7 +113,8 @@ class Recorder(Callback):
         row.update(learn.valid_result or {})
         row["time"] = time.perf_counter() - self._start_time
         self.values.append(row)
-        self.before_epoch(learn)
+        self._start_time = time.perf_counter()
+        self._epoch_start = len(self._losses)
 
     def after_fit(self, learn: Learner) -> None:
         if learn.fit_error is None:

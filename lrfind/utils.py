@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import random
 from typing import Any
@@ -12,8 +13,10 @@ import torch
 
 
 def check_number(name: str, value: object) -> float:
-    """Return ``value`` as a float, or raise ValueError naming ``name`` if it is not finite."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    """Return ``value`` (a Python or numpy real) as a float; ValueError naming ``name`` if it
+    is not a finite number."""
+    if (isinstance(value, bool) or not isinstance(value, numbers.Real)
+            or not math.isfinite(value)):
         raise ValueError(f"{name} must be a finite number, got {value!r}")
     return float(value)
 
@@ -39,6 +42,13 @@ def check_int(name: str, value: object, low: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
     return value
+
+
+def check_path(name: str, value: object) -> str:
+    """Return ``value`` as a str path, or raise TypeError naming ``name``."""
+    if not isinstance(value, (str, os.PathLike)):
+        raise TypeError(f"{name} must be a path (str or os.PathLike), got {value!r}")
+    return os.fspath(value)
 
 
 def to_device(obj: Any, device: torch.device) -> Any:

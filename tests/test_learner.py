@@ -8,6 +8,7 @@ import sys
 import warnings
 
 import matplotlib
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -21,7 +22,10 @@ from lrfind import (
     CancelEpochException,
     CancelFitException,
     CancelStepException,
+    Checkpoint,
+    EarlyStopping,
     Learner,
+    SaveBest,
     TorchScheduler,
     schedules,
 )
@@ -697,6 +701,22 @@ BAD_CALLS = [
     (lambda ln: ln.fit(1, cbs=[TorchScheduler(torch.optim.lr_scheduler.ReduceLROnPlateau,
                                             monitor="nope")]),
      ValueError, r"^monitor must be one of \['train_loss', 'valid_loss'\], got 'nope'"),
+    (lambda ln: ln.fit(1, cbs=[ln.recorder]), ValueError,
+     r"^cbs holds <lrfind.recorder.Recorder.* twice or one the learner already has"),
+    (lambda ln: ln.fit(1, cbs=[cb := Callback(), cb]), ValueError, r"^cbs holds .* twice"),
+    (lambda ln: ln.add_cb(ln.recorder), ValueError, r"^cb holds .* twice or one the learner"),
+    (lambda ln: ln.remove_cb(Callback()), ValueError,
+     r"^cb <lrfind.callback.Callback .* is not one of this learner's callbacks"),
+    (lambda ln: ln.add_cb(EarlyStopping(monitor="accuracy")), ValueError,
+     r"^monitor must be one of \['train_loss', 'valid_loss'\], got 'accuracy'"),
+    (lambda ln: ln.fit(1, lr=0.5, cbs=[TorchScheduler(torch.optim.lr_scheduler.StepLR)]),
+     TypeError, r"^sched_cls 'StepLR' rejects the arguments \(\), \{\}: .*step_size"),
+    (lambda ln: ln.validate(5), TypeError, r"^dl must be an iterable of batches"),
+    (lambda ln: ln.get_preds(DataLoader(TensorDataset(torch.zeros(0, 4), torch.zeros(0, 1)),
+                                        batch_size=4)), ValueError, r"^dl is empty"),
+    (lambda ln: ln.fit(1, cbs=[Checkpoint(None)]), TypeError,
+     r"^path must be a path \(str or os.PathLike\), got None"),
+    (lambda ln: ln.fit(1, cbs=[SaveBest(None)]), TypeError, r"^path must be a path"),
 ]
 
 
@@ -751,6 +771,38 @@ BAD_LEARNERS = [
 def test_bad_learner_arguments(call, exc, match):
     with pytest.raises(exc, match=match):
         call()
+
+
+def test_numpy_numbers_are_numbers():
+    learn = make()
+    learn.fit(1, lr=np.float32(1e-2))
+    assert learn.recorder.lrs[0] == pytest.approx(1e-2)
+    learn.fit_one_cycle(1, lr_max=np.float64(1e-2), div=np.int64(10))
+    assert learn.recorder.lrs[0] == pytest.approx(1e-3)
+
+
+class CancelIters(Callback):
+    def __init__(self, iters):
+        self.iters = set(iters)
+
+    def before_batch(self, learn):
+        if learn.iter in self.iters:
+            raise CancelBatchException
+
+
+@pytest.mark.parametrize("cancel", [{0}, {2}])
+def test_a_cancelled_batch_counts_for_neither_loss_nor_step(cancel):
+    seen = {}
+
+    class Log(Callback):
+        def after_loss(self, learn):
+            seen[learn.iter] = learn.loss.item()
+
+    learn = make(accum_steps=2, valid=None)
+    learn.fit(1, lr=1e-2, cbs=[CancelIters(cancel), Log()])
+    first = min(cancel)
+    chunk = first // 2  # the optimizer step the cancelled batch belonged to
+    assert learn.recorder.losses[chunk] == pytest.approx(seen[first + 1])  # the other batch alone
 
 
 def test_bad_learner_leaves_the_model_alone():

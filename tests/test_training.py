@@ -241,8 +241,9 @@ def test_resume_with_early_stopping_and_save_best_is_exact(tmp_path):
         a, b = (torch.load(tmp_path / run / name, weights_only=False) for run in ("full", "cut"))
         assert same(list(a["model"].values()), list(b["model"].values())), name
     assert torch.load(tmp_path / "cut/ck.pt", weights_only=False)["epoch"] == 6  # the last one
-    with pytest.raises(ValueError, match=r"callbacks \['EarlyStopping', 'SaveBest'\], this fit "
-                                         r"has \['SaveBest'\]: resume with the same callbacks"):
+    with pytest.raises(ValueError, match=r"callbacks \[\"EarlyStopping\(monitor='valid_loss', "
+                                         r"mode='min', min_delta=0.0, patience=2\)\", .*this fit "
+                                         r"has \[.*resume with the same callbacks"):
         resumed.fit_one_cycle(8, 1e-2, cbs=[SaveBest(tmp_path / "x.pt")],
                               resume_from=tmp_path / "cut/ck.pt")
 
@@ -266,6 +267,87 @@ def test_resume_with_a_torch_scheduler_is_exact(tmp_path, sched):
     assert len(set(full.recorder.lrs)) > 1  # the scheduler moved the LR
     assert resumed.recorder.lrs == full.recorder.lrs
     assert same(weights(full), weights(resumed))
+
+
+class StopAtStep(Callback):
+    """Raise KeyboardInterrupt after the given optimizer step (after checkpoints are written)."""
+
+    order = 90
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def after_step(self, learn: lrfind.Learner) -> None:
+        if learn.train_iter == self.step:
+            raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("stop", [5, 9])  # mid-epoch; the last step of epoch 0
+def test_resume_from_a_step_checkpoint_keeps_the_epoch_rows(tmp_path, stop):
+    full = make_learner()
+    full.fit_one_cycle(3, 1e-2)
+    cut = make_learner()
+    with pytest.raises(KeyboardInterrupt):
+        cut.fit_one_cycle(3, 1e-2, cbs=[Checkpoint(tmp_path / "ck.pt", every=stop + 1),
+                                        StopAtStep(stop)])
+    resumed = make_learner()
+    resumed.fit_one_cycle(3, 1e-2, resume_from=tmp_path / "ck.pt")
+    assert same(weights(full), weights(resumed))
+    assert resumed.recorder.lrs == full.recorder.lrs
+    # every epoch's row, its train_loss the mean over all of its steps, before and after
+    for a, b in zip(full.recorder.values, resumed.recorder.values, strict=True):
+        assert {k: v for k, v in a.items() if k != "time"} == {
+            k: v for k, v in b.items() if k != "time"}
+
+
+def test_a_resume_that_fails_early_does_not_leak_into_the_next_fit(tmp_path):
+    cut = make_learner()
+    with pytest.raises(KeyboardInterrupt):
+        cut.fit(2, 1e-2, cbs=[Checkpoint(tmp_path / "ck.pt", every=3), StopAtStep(5)])
+
+    class Fail(Callback):
+        def before_fit(self, learn):
+            raise RuntimeError("failed early")
+
+    learn = make_learner()
+    with pytest.raises(RuntimeError, match="failed early"):
+        learn.fit(2, 1e-2, cbs=[Fail()], resume_from=tmp_path / "ck.pt")
+    learn.fit(1, 1e-2)
+    assert len(learn.recorder.lrs) == 10  # every batch of the epoch, none skipped
+
+
+def test_resume_with_other_settings_is_refused(tmp_path):
+    step = [lrfind.TorchScheduler(torch.optim.lr_scheduler.StepLR, step_size=1, gamma=0.5)]
+    cut = make_learner(accum_steps=5)
+    with pytest.raises(KeyboardInterrupt):
+        cut.fit(2, 1e-2, wd=0.1, cbs=[*step, Checkpoint(tmp_path / "ck.pt"), StopAt(0)])
+    path = tmp_path / "ck.pt"
+    other = [lrfind.TorchScheduler(torch.optim.lr_scheduler.StepLR, step_size=3, gamma=0.5)]
+    with pytest.raises(ValueError, match=r"holds the state of the callbacks .*step_size': 1.*"
+                                         r"this fit has .*step_size': 3"):
+        make_learner(accum_steps=5).fit(2, 1e-2, wd=0.1, cbs=other, resume_from=path)
+    with pytest.raises(ValueError, match=r"'wd': 0.1.*not by .*'wd': 0.5.*same call"):
+        make_learner(accum_steps=5).fit(2, 1e-2, wd=0.5, cbs=step, resume_from=path)
+    # 10 batches make 2 optimizer steps an epoch with accum_steps 5 and with 6
+    with pytest.raises(ValueError, match=r"'accum_steps': 5.*not by .*'accum_steps': 6"):
+        make_learner(accum_steps=6).fit(2, 1e-2, wd=0.1, cbs=step, resume_from=path)
+    with pytest.raises(TypeError, match=r"^resume_from must be a path \(str or os.PathLike\), "
+                                        r"got 123"):
+        make_learner().fit(2, 1e-2, resume_from=123)
+
+
+def test_monitors_skip_an_epoch_cancelled_before_validation(tmp_path):
+    class CancelFirstEpoch(Callback):
+        def before_batch(self, learn):
+            if learn.epoch == 0 and learn.iter == 3:
+                raise lrfind.CancelEpochException
+
+    plateau = lrfind.TorchScheduler(torch.optim.lr_scheduler.ReduceLROnPlateau)
+    stop, best = EarlyStopping(patience=1), SaveBest(tmp_path / "best.pt")
+    learn = make_learner()
+    learn.fit(2, 1e-2, cbs=[CancelFirstEpoch(), plateau, stop, best])
+    assert "valid_loss" not in learn.recorder.values[0] and len(learn.recorder.values) == 2
+    assert stop.wait == 0 and best.best == learn.recorder.values[1]["valid_loss"]
 
 
 def test_non_finite_loss_stops_with_epoch_and_step(tmp_path):
