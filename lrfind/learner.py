@@ -476,15 +476,23 @@ class Learner:
                  resume_from: str | os.PathLike | None = None) -> None:
         """Cosine annealing with warm restarts: cycle i lasts ``cycle_len * cycle_mult**i`` epochs.
 
-        Each cycle anneals ``lr_max -> 0`` by cosine. Default cycle_mult=2 (1 allowed).
+        Each cycle anneals ``lr_max -> 0`` by cosine, starting at exactly ``lr_max`` on its
+        first optimizer step: step i of n reads the schedule at ``i/n`` (not ``i/(n-1)``), so
+        restarts fall on epoch boundaries and, as in torch's ``CosineAnnealingWarmRestarts``,
+        no step trains at LR 0. Default cycle_mult=2 (1 allowed).
         """
         check_int("n_cycles", n_cycles)
         check_int("cycle_len", cycle_len)
         check_int("cycle_mult", cycle_mult)
         n_epoch = cycle_len * sum(cycle_mult**i for i in range(n_cycles))
+        n = n_epoch * math.ceil(len(self.train_dl) / self.accum_steps)  # optimizer steps
+
+        def on_steps(f: schedules.Schedule) -> schedules.Schedule:
+            return lambda pos: f(round(pos * (n - 1)) / n)
+
         args = {"n_cycles": n_cycles, "cycle_mult": cycle_mult}
         self._run(n_epoch, lr_max, wd, cbs, resume_from, "sgdr", args, lambda lrs: {
-            "lr": [schedules.sgdr(v, n_cycles, cycle_mult) for v in lrs]})
+            "lr": [on_steps(schedules.sgdr(v, n_cycles, cycle_mult)) for v in lrs]})
 
     def fit_warmup_cosine(self, n_epoch: int, lr_max: LR | str | None = None,
                           warmup_pct: float = 0.1, div: float = 25.0, div_final: float = 1e5,

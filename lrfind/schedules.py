@@ -200,5 +200,14 @@ def sgdr(lr_max: float, n_cycles: int, cycle_mult: float = 2.0, lr_min: float = 
     cycle_mult = _check_positive("cycle_mult", cycle_mult)
     lr_min = _check_number("lr_min", lr_min)
     lengths = [cycle_mult ** i for i in range(n_cycles)]
+    starts = [sum(lengths[:i]) for i in range(n_cycles)]  # in units of the first cycle
     total = sum(lengths)
-    return join([cosine(lr_max, lr_min)] * n_cycles, [n / total for n in lengths])
+    anneal = cosine(lr_max, lr_min)
+
+    def f(pos: float) -> float:
+        x = _clamp(pos) * total
+        # a position a rounding error short of a restart is the restart
+        i = bisect.bisect_right(starts, x + 1e-9 * total) - 1
+        return anneal(min(max((x - starts[i]) / lengths[i], 0.0), 1.0))
+
+    return f

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import warnings
+from itertools import pairwise
 
 import matplotlib
 import numpy as np
@@ -771,6 +772,18 @@ BAD_LEARNERS = [
 def test_bad_learner_arguments(call, exc, match):
     with pytest.raises(exc, match=match):
         call()
+
+
+@pytest.mark.parametrize(("batches", "mult"), [(1, 1), (2, 1), (4, 2)])
+def test_sgdr_restarts_on_the_first_step_of_every_cycle(batches, mult):
+    learn = make(train=loader(16 * batches))
+    learn.fit_sgdr(3, 1, 0.1, cycle_mult=mult)
+    lrs = learn.recorder.lrs
+    starts = [batches * sum(mult**j for j in range(k)) for k in range(4)]
+    assert len(lrs) == starts[-1]
+    for a, b in pairwise(starts):
+        assert lrs[a] == pytest.approx(0.1, rel=1e-12)  # a restart at lr_max
+        assert all(y < x for x, y in pairwise(lrs[a:b])) and lrs[b - 1] > 0
 
 
 def test_numpy_numbers_are_numbers():
