@@ -50,10 +50,15 @@ def close_distributed() -> None:
 def distributed_loader(dl: Any, world_size: int, rank: int) -> Any:
     """``dl`` with a DistributedSampler (same batch size per process) unless it has one."""
     import torch.distributed as dist
-    from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
+    from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SequentialSampler
 
     if not isinstance(dl, DataLoader) or isinstance(dl.sampler, DistributedSampler):
         return dl
+    if dl.batch_size is None or type(dl.sampler) not in (RandomSampler, SequentialSampler):
+        kind = "batch_sampler" if dl.batch_size is None else type(dl.sampler).__name__
+        raise ValueError(f"train_dl has its own {kind}, which sharding for {world_size} "
+                         "processes would replace: give it a DistributedSampler yourself, or "
+                         "use batch_size and shuffle")
     seed = [dl.generator.initial_seed() if dl.generator is not None else torch.initial_seed()]
     dist.broadcast_object_list(seed, src=0)  # every process must shuffle alike
     sampler = DistributedSampler(dl.dataset, world_size, rank,

@@ -161,15 +161,11 @@ class Learner:
         self._autocast = contextlib.nullcontext if dtype is None else functools.partial(
             torch.autocast, device_type=self.device.type, dtype=dtype)
         self.scaler = torch.amp.GradScaler(self.device.type) if precision == "fp16" else None
-        self.ddp = None
+        self.model, self.ddp, self.train_model = model, None, model  # training calls train_model
         if self.world_size > 1 and not is_sharded(model):
-            from torch.nn.parallel import DistributedDataParallel
-
-            self.ddp = DistributedDataParallel(
-                model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
             train_dl = distributed_loader(train_dl, self.world_size, self.rank)
-        self.train_model = model if self.ddp is None else self.ddp  # what training calls
-        self.model, self.train_dl, self.valid_dl = model, train_dl, valid_dl
+            self._wrap()
+        self.train_dl, self.valid_dl = train_dl, valid_dl
         self.loss_func, self.compute_loss, self.metrics = loss_func, compute_loss, metrics
         self.metric_names = [metric_name(m) for m in metrics]
         self.splitter, self.progress = splitter, progress
@@ -239,6 +235,14 @@ class Learner:
         finally:
             self._extra = []
             self._sort_handlers()
+
+    def _wrap(self) -> None:
+        """Wrap the model in DDP; again after freezing, as DDP only syncs what trains."""
+        from torch.nn.parallel import DistributedDataParallel
+
+        self.ddp = DistributedDataParallel(
+            self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.train_model = self.ddp
 
     def reduce_loss(self, loss: torch.Tensor) -> torch.Tensor:
         """The loss averaged over processes (itself when training in one process)."""
@@ -609,6 +613,8 @@ class Learner:
         for i, group in enumerate(self._groups):
             for p in group:
                 p.requires_grad_(i not in frozen or id(p) in norm)
+        if self.ddp is not None:  # on every process, like the rest of a torchrun script
+            self._wrap()
 
     def freeze(self) -> None:
         """Freeze every parameter group but the last."""

@@ -425,13 +425,21 @@ class Spy(lrfind.Callback):
     def before_batch(self, learn):
         seen.extend(learn.batch[2].tolist())
 learn = lrfind.Learner(model, dl, compute_loss=lambda m, b: F.cross_entropy(m(b[0]), b[1]),
-                       progress=False, cbs=[Spy()])
+                       progress=False, cbs=[Spy()],
+                       splitter=lambda m: [list(m[0].parameters()), list(m[2].parameters())])
 res = learn.lr_find(show_plot=False)
 seen.clear()
 learn.fit_one_cycle(2, 1e-2)
 w = torch.cat([p.detach().flatten() for p in learn.model.parameters()]).tolist()
-json.dump({"sugg": res.suggestions, "n": len(res.lrs), "w": w, "seen": seen,
-           "losses": learn.recorder.losses},
+fit_seen = list(seen)  # the fit's batches, before the fits below add to them
+first = model[0].weight.detach().clone()
+learn.freeze()  # DDP is rebuilt for what trains
+learn.fit(1, 1e-2)
+frozen_kept = bool(torch.equal(first, model[0].weight))
+learn.fine_tune(1, freeze_epochs=1)
+tuned = torch.cat([p.detach().flatten() for p in learn.model.parameters()]).tolist()
+json.dump({"sugg": res.suggestions, "n": len(res.lrs), "w": w, "seen": fit_seen,
+           "losses": learn.recorder.losses, "frozen_kept": frozen_kept, "tuned": tuned},
           open(os.path.join(sys.argv[1], "rank%d.json" % learn.rank), "w"))
 """
 
@@ -453,3 +461,26 @@ def test_two_processes_on_cpu(tmp_path):
     assert len(r0["seen"]) == len(r1["seen"]) == 256
     assert set(r0["seen"][:128]).isdisjoint(r1["seen"][:128])
     assert set(r0["seen"][:128]) | set(r1["seen"][:128]) == set(range(256))
+    assert r0["frozen_kept"] and r1["frozen_kept"]  # freeze under DDP, then fine_tune
+    assert r0["tuned"] == r1["tuned"] and r0["tuned"] != r0["w"]
+
+
+def test_a_loader_with_its_own_sampler_is_not_resharded_silently():
+    from torch.utils.data import (
+        BatchSampler,
+        DataLoader,
+        SequentialSampler,
+        TensorDataset,
+        WeightedRandomSampler,
+    )
+
+    from lrfind.distributed import distributed_loader
+
+    ds = TensorDataset(torch.zeros(8, 2))
+    weighted = DataLoader(ds, batch_size=2, sampler=WeightedRandomSampler([1.0] * 8, 8))
+    with pytest.raises(ValueError, match=r"^train_dl has its own WeightedRandomSampler, which "
+                                         r"sharding for 2 processes would replace"):
+        distributed_loader(weighted, 2, 0)
+    batches = DataLoader(ds, batch_sampler=BatchSampler(SequentialSampler(ds), 2, False))
+    with pytest.raises(ValueError, match=r"^train_dl has its own batch_sampler"):
+        distributed_loader(batches, 2, 0)
