@@ -211,10 +211,13 @@ class Learner:
         for i, cb in enumerate(cbs):
             if any(c is cb for c in [*self.cbs, *cbs[:i]]):
                 raise ValueError(f"{name} holds {cb!r} twice or one the learner already has")
+        self._check_monitors(cbs)
+        return cbs
+
+    def _check_monitors(self, cbs: list[Callback]) -> None:
         for cb in [*self.cbs, *cbs]:  # a callback that reads a monitored value names it
             if getattr(cb, "monitor", None) is not None:
                 self.check_monitor(cb.monitor)
-        return cbs
 
     def _sort_handlers(self, only: list[Callback] | None = None) -> None:
         cbs = sorted(self.cbs + self._extra if only is None else only, key=lambda c: c.order)
@@ -528,7 +531,7 @@ class Learner:
         check_positive("base_lr", base_lr)
         check_positive("lr_mult", lr_mult)
         schedules.one_cycle(1.0, div, 1e5, pct_start)
-        self._new_cbs([])  # the learner's monitors, before freeze changes anything
+        self._check_monitors([])  # before freeze changes anything
         if freeze_epochs:
             self.freeze()
             self.fit_one_cycle(freeze_epochs, slice(base_lr), pct_start=0.99)
