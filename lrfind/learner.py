@@ -517,27 +517,31 @@ class Learner:
             "lr": [schedules.warmup_cosine(v, warmup_pct, div, div_final) for v in lrs]})
 
     def fine_tune(self, epochs: int, base_lr: float = 2e-3, freeze_epochs: int = 1,
-                  lr_mult: float = 100, pct_start: float = 0.3, div: float = 5.0) -> None:
+                  lr_mult: float = 100, pct_start: float = 0.3, div: float = 5.0,
+                  wd: float | None = None, cbs: Sequence[Callback] | None = None) -> None:
         """Fine-tune a pretrained model: the head first, then everything.
 
         First the last group (and, with ``train_bn``, every normalisation layer) for
         ``freeze_epochs`` with one-cycle at ``slice(base_lr)``, pct_start 0.99; then all
         groups for ``epochs`` with one-cycle at ``slice(base_lr/2/lr_mult, base_lr/2)``,
-        ``pct_start`` and ``div``. Defaults: base_lr=2e-3, freeze_epochs=1, lr_mult=100,
-        pct_start=0.3, div=5.
+        ``pct_start`` and ``div``. ``wd`` and ``cbs`` go to both fits. Defaults: base_lr=2e-3,
+        freeze_epochs=1, lr_mult=100, pct_start=0.3, div=5.
         """
         check_int("epochs", epochs)
         check_int("freeze_epochs", freeze_epochs, low=0)
         check_positive("base_lr", base_lr)
         check_positive("lr_mult", lr_mult)
         schedules.one_cycle(1.0, div, 1e5, pct_start)
-        self._check_monitors([])  # before freeze changes anything
+        if wd is not None and check_number("wd", wd) < 0:
+            raise ValueError(f"wd must be >= 0, got {wd!r}")
+        cbs = self._new_cbs(cbs)  # before freeze changes anything
         if freeze_epochs:
             self.freeze()
-            self.fit_one_cycle(freeze_epochs, slice(base_lr), pct_start=0.99)
+            self.fit_one_cycle(freeze_epochs, slice(base_lr), pct_start=0.99, wd=wd, cbs=cbs)
         base_lr /= 2
         self.unfreeze()
-        self.fit_one_cycle(epochs, slice(base_lr / lr_mult, base_lr), pct_start=pct_start, div=div)
+        self.fit_one_cycle(epochs, slice(base_lr / lr_mult, base_lr), pct_start=pct_start, div=div,
+                           wd=wd, cbs=cbs)
 
     def lr_find(self, **kwargs: Any) -> Any:
         """LR range test on this learner; see :func:`lrfind.finder.lr_find` for the arguments."""

@@ -636,6 +636,23 @@ def test_fine_tune_runs():
     assert len(learn.opt.seen) == 4 + 8
 
 
+def test_fine_tune_passes_wd_and_callbacks_to_both_fits():
+    fits = []
+
+    class Count(Callback):
+        def before_fit(self, learn):
+            fits.append([g["weight_decay"] for g in learn.opt.param_groups])
+
+    learn = make(two_layer(), splitter=split2, opt_func=sgd_mom)
+    learn.fine_tune(1, wd=0.01, cbs=[Count()])
+    assert fits == [[0.01, 0.01], [0.01, 0.01]]
+    w = copy.deepcopy(learn.model.state_dict())
+    with pytest.raises(ValueError, match=r"^monitor must be one of"):
+        learn.fine_tune(1, cbs=[EarlyStopping(monitor="accuracy")])
+    assert all(p.requires_grad for p in learn.model.parameters())  # nothing frozen first
+    assert same(w, learn.model.state_dict())
+
+
 def test_save_load_round_trip_atomic(tmp_path):
     learn = make(opt_func=torch.optim.Adam)
     learn.fit(1, lr=0.01)
