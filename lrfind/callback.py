@@ -22,6 +22,7 @@ that unit of work: the batch, the optimizer step, the epoch or the whole fit.
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -171,17 +172,22 @@ class TorchScheduler(Callback):
         if interval not in ("epoch", "batch"):
             raise ValueError(f"interval must be 'epoch' or 'batch', got {interval!r}")
         try:  # missing or unknown arguments show now, not after fit has set the LRs
-            probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0, momentum=0.9)
-            sched_cls(probe, *args, **kwargs)
-        except TypeError as e:
-            raise TypeError(f"sched_cls {getattr(sched_cls, '__name__', sched_cls)!r} rejects "
-                            f"the arguments {args!r}, {kwargs!r}: {e}") from None
+            signature = inspect.signature(sched_cls)
+        except (TypeError, ValueError):  # no signature to read: the scheduler will tell
+            signature = None
+        if signature is not None:
+            try:
+                signature.bind(None, *args, **kwargs)  # None stands for the optimizer
+            except TypeError as e:
+                raise TypeError(f"sched_cls {getattr(sched_cls, '__name__', sched_cls)!r} "
+                                f"rejects the arguments {args!r}, {kwargs!r}: {e}") from None
         self.sched_cls, self.args, self.kwargs = sched_cls, args, kwargs
         self.interval = interval
-        self.plateau = isinstance(sched_cls, type) and issubclass(
-            sched_cls, torch.optim.lr_scheduler.ReduceLROnPlateau)
-        self.restarts = isinstance(sched_cls, type) and issubclass(
-            sched_cls, torch.optim.lr_scheduler.CosineAnnealingWarmRestarts)
+        cls = getattr(sched_cls, "func", sched_cls)  # a functools.partial's class
+        self.plateau = isinstance(cls, type) and issubclass(
+            cls, torch.optim.lr_scheduler.ReduceLROnPlateau)
+        self.restarts = isinstance(cls, type) and issubclass(
+            cls, torch.optim.lr_scheduler.CosineAnnealingWarmRestarts)
         self.monitor = monitor if self.plateau else None  # checked by the learner up front
         if self.plateau and interval == "batch":
             raise ValueError("interval must be 'epoch' for ReduceLROnPlateau, got 'batch'")

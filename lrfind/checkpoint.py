@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -24,8 +25,14 @@ def stateful_callbacks(learn: Learner, cbs: list[Callback]) -> list[Callback]:
 
 
 def describe(cb: Callback) -> str:
-    """How a checkpoint names a callback: its repr when it has one, else its class name."""
-    return repr(cb) if type(cb).__repr__ is not object.__repr__ else type(cb).__name__
+    """How a checkpoint names a callback: its repr when it has one, else its class name.
+
+    Memory addresses (`` at 0x...``, as in the repr of a function) are left out: they differ
+    from one process to the next.
+    """
+    if type(cb).__repr__ is object.__repr__:
+        return type(cb).__name__
+    return re.sub(r" at 0x[0-9a-fA-F]+", "", repr(cb))
 
 
 def training_state(learn: Learner, mid_epoch: bool) -> dict[str, Any]:
@@ -80,9 +87,9 @@ def read_checkpoint(learn: Learner, path: str | os.PathLike, n_epoch: int,
     if state["total_steps"] != steps:
         raise ValueError(f"the checkpoint's run had {state['total_steps']} optimizer steps, this "
                          f"one would have {steps}: the loader or accum_steps changed")
-    saved = [name for name, _ in state.get("callbacks", [])]
+    saved = [name for name, _ in state.get("callbacks") or []]
     names = [describe(cb) for cb in stateful_callbacks(learn, [*learn.cbs, *cbs])]
-    if names != saved:
+    if "callbacks" in state and names != saved:  # files of earlier versions hold none
         raise ValueError(f"the checkpoint holds the state of the callbacks {saved}, this fit "
                          f"has {names}: resume with the same callbacks")
     return state
@@ -95,7 +102,8 @@ def apply_checkpoint(learn: Learner, state: dict[str, Any]) -> None:
     if learn.scaler is not None and state["scaler"] is not None:
         learn.scaler.load_state_dict(state["scaler"])
     learn.recorder.load_state_dict(state["recorder"])
-    learn.resume_cbs = [s for _, s in state.get("callbacks", [])]
+    if "callbacks" in state:
+        learn.resume_cbs = [s for _, s in state["callbacks"]]
     learn.epoch, learn.train_iter = state["epoch"], state["train_iter"]
     learn.resume_skip = state["batches_done"]
     if state["batches_done"]:
@@ -242,8 +250,6 @@ class SaveBest(_Monitor):
         super().__init__(monitor, mode)
         self.path = check_path("path", path)
 
-    def _more(self) -> str:
-        return f", path={self.path!r}"
 
     def after_epoch(self, learn: Learner) -> None:
         if self.improved(learn):

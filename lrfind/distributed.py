@@ -54,8 +54,12 @@ def distributed_loader(dl: Any, world_size: int, rank: int) -> Any:
 
     if not isinstance(dl, DataLoader) or isinstance(dl.sampler, DistributedSampler):
         return dl
-    if dl.batch_size is None or type(dl.sampler) not in (RandomSampler, SequentialSampler):
-        kind = "batch_sampler" if dl.batch_size is None else type(dl.sampler).__name__
+    plain = (type(dl.sampler) in (RandomSampler, SequentialSampler)
+             and not getattr(dl.sampler, "replacement", False)
+             and len(dl.sampler) == len(dl.dataset))  # no num_samples of its own
+    if dl.batch_size is None or not plain:
+        kind = ("batch_sampler (or batch_size=None)" if dl.batch_size is None
+                else f"{type(dl.sampler).__name__} settings")
         raise ValueError(f"train_dl has its own {kind}, which sharding for {world_size} "
                          "processes would replace: give it a DistributedSampler yourself, or "
                          "use batch_size and shuffle")

@@ -9,6 +9,7 @@ were: see :func:`preserved`.
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
@@ -62,20 +63,22 @@ def _load(obj: Any) -> Any:
 
 
 @contextlib.contextmanager
-def preserved(learn: Learner) -> Iterator[None]:
+def preserved(learn: Learner, cbs: Sequence[Callback] = ()) -> Iterator[None]:
     """Snapshot everything a range test touches, on the CPU, and restore it bitwise on exit.
 
     Covers parameters (the model's and any other the optimizer trains), buffers and
     gradients, which tensor each module attribute holds, ``requires_grad`` flags, every
     module's train mode, the optimizer's state (dtypes kept) and hyper-parameters, the grad
     scaler, the torch (CPU and CUDA), numpy and Python RNGs, the train loader's generators and
-    its sampler's epoch. Restores in ``finally``, so an exception or Ctrl-C restores the
-    state, then propagates. Writes no file.
+    its sampler's epoch, and the ``state_dict`` of the callbacks ``cbs`` that join the
+    sweep. Restores in ``finally``, so an exception or Ctrl-C restores the state, then
+    propagates. Writes no file.
     """
     model, opt, dl = learn.model, learn.opt, learn.train_dl
-    # the tensor objects each module holds: a model may assign a new tensor to a buffer
-    slots = [(m, name, t) for m in model.modules()
-             for name, t in [*m.named_parameters(recurse=False), *m.named_buffers(recurse=False)]]
+    # what each module holds: a model may assign a new tensor (or a parameter) to a buffer
+    held = [(m, dict(m._parameters), dict(m._buffers), set(m._non_persistent_buffers_set))
+            for m in model.modules()]
+    cb_states = [(cb, copy.deepcopy(cb.state_dict())) for cb in cbs]
     tensors = {id(t): t for t in [*model.parameters(), *model.buffers(),
                                   *(p for g in opt.param_groups for p in g["params"])]}.values()
     saved = [(t, t.detach().to("cpu", copy=True),
@@ -96,9 +99,13 @@ def preserved(learn: Learner) -> Iterator[None]:
     try:
         yield
     finally:
-        for m, name, t in slots:
-            if getattr(m, name) is not t:
-                setattr(m, name, t)
+        for m, params, buffers, non_persistent in held:
+            m._parameters.clear()
+            m._parameters.update(params)
+            m._buffers.clear()
+            m._buffers.update(buffers)
+            m._non_persistent_buffers_set.clear()
+            m._non_persistent_buffers_set.update(non_persistent)
         with torch.no_grad():
             for t, value, grad, requires_grad in saved:
                 t.copy_(value)
@@ -124,6 +131,8 @@ def preserved(learn: Learner) -> Iterator[None]:
             dl._iterator = None
         for k, v in attrs.items():
             setattr(learn, k, v)
+        for cb, state in cb_states:
+            cb.load_state_dict(state)
         learn.batch = learn.loss = learn.loss_grad = learn.step_loss = learn.pred = None
 
 
@@ -298,11 +307,12 @@ def learner_lr_find(learn: Learner, start_lr: float = 1e-7, end_lr: float = 10.0
         raise ValueError(f"the model has uninitialized lazy parameters {lazy[:3]}: run one "
                          "batch through it before the range test")
     test = RangeTest(grid, stop_div, div_th, beta)
+    joining = [cb for cb in [*learn.cbs, *learn._extra] if cb.in_lr_find]
     valid_dl, learn.valid_dl = learn.valid_dl, None  # no validation during the sweep
     try:
-        with preserved(learn):
+        with preserved(learn, joining):
             # Every epoch makes at least one step, so num_it epochs always suffice.
-            learn._fit(num_it, [test, *(cb for cb in learn.cbs if cb.in_lr_find)], only=True)
+            learn._fit(num_it, [test, *joining], only=True)
     finally:
         learn.valid_dl = valid_dl
     lrs, losses = suggestion_input(np.array(test.lrs), np.array(test.smooth), num_it)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import numbers
 import os
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -177,7 +178,7 @@ class Learner:
         self.lr = lr if lr is not None else [g["lr"] for g in self.opt.param_groups]
         if wd is not None:
             for g in self.opt.param_groups:
-                g["weight_decay"] = wd
+                g["weight_decay"] = float(wd)  # a numpy value would not load
         self.recorder = Recorder()
         self.cbs: list[Callback] = []
         self._extra: list[Callback] = []
@@ -416,12 +417,13 @@ class Learner:
         call = {"method": method, "lrs": lrs, "wd": wd, "accum_steps": self.accum_steps, **args}
         if state is not None:
             call["lrs"] = lrs = state["sched"]["lrs"] if auto else lrs
-            if state["sched"] != call:
+            if {**call, **state["sched"]} != call:  # a key of a later version: the call's
                 raise ValueError(f"resume_from was written by {state['sched']}, not by {call}: "
                                  "resume with the same call")
         elif auto:
-            found = self.lr_find(num_it=AUTO_NUM_IT, suggest_funcs=("auto",),
-                                 show_plot=False).auto
+            with self._with_cbs(cbs):  # the fit's callbacks marked in_lr_find join the sweep
+                found = self.lr_find(num_it=AUTO_NUM_IT, suggest_funcs=("auto",),
+                                     show_plot=False).auto
             if found is None:
                 raise ValueError("the range test gave no 'auto' suggestion (see its warning)")
             if self.progress:
@@ -434,7 +436,7 @@ class Learner:
             self._set_lrs(lrs)
             if wd is not None:
                 for g in self.opt.param_groups:
-                    g["weight_decay"] = wd
+                    g["weight_decay"] = float(wd)  # a numpy value would not load
         extra = [] if scheds is None else [ParamScheduler(scheds(lrs))]
         self._fit(n_epoch, extra + cbs)
 
@@ -612,8 +614,9 @@ class Learner:
         instance, layer and group norm) stay trainable in frozen groups, as in fastai, so the
         normalisation can adapt to new data while the rest of a frozen group stays fixed.
         """
-        if isinstance(n, bool) or not isinstance(n, int):
+        if isinstance(n, bool) or not isinstance(n, numbers.Integral):
             raise TypeError(f"n must be an int, got {n!r}")
+        n = int(n)
         frozen = set(range(len(self._groups))[:n])
         norm = {id(p) for m in self.model.modules() if isinstance(m, NORM_TYPES)
                 for p in m.parameters(recurse=False)} if self.train_bn else set()

@@ -38,10 +38,11 @@ def check_pct(name: str, value: object) -> float:
 
 
 def check_int(name: str, value: object, low: int = 1) -> int:
-    """Return ``value`` if it is an int >= ``low``, else raise ValueError naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+    """Return ``value`` (a Python or numpy integer) as an int >= ``low``, else raise ValueError
+    naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
         raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-    return value
+    return int(value)
 
 
 def check_path(name: str, value: object) -> str:

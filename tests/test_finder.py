@@ -433,6 +433,32 @@ def test_a_buffer_the_model_reassigns_is_restored():
     assert learn.model.mean is mean and torch.equal(mean, torch.zeros(4))
 
 
+class Rebinds(nn.Module):
+    """Fills a None buffer and turns a buffer into a parameter during its first forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 1)
+        self.register_buffer("cache", None)
+        self.register_buffer("scale", torch.ones(()))
+
+    def forward(self, x):
+        if self.cache is None:
+            self.cache = x.mean(0).detach()
+            self.scale = nn.Parameter(self.scale.clone())
+        return self.lin(x) * self.scale
+
+
+def test_module_registries_are_restored():
+    learn = make(Rebinds())
+    before = copy.deepcopy(learn.model.state_dict())
+    learn.lr_find(num_it=10)
+    assert learn.model.cache is None and "scale" in learn.model._buffers
+    assert same(before, learn.model.state_dict())
+    fresh = Rebinds()
+    fresh.load_state_dict(learn.model.state_dict())  # the same keys as before
+
+
 class NoisyData(torch.utils.data.Dataset):
     """Adds noise drawn in the loader's worker process."""
 
@@ -507,6 +533,39 @@ class Doubler(Callback):
     def before_batch(self, learn):
         self.calls += 1
         learn.batch = (2 * learn.batch[0], learn.batch[1])
+
+
+class Noise(Callback):
+    """Adds noise from its own generator; its state is what a checkpoint or the sweep keeps."""
+
+    in_lr_find = True
+
+    def __init__(self):
+        self.gen = torch.Generator().manual_seed(0)
+        self.calls = 0
+
+    def before_batch(self, learn):
+        self.calls += 1
+        x, y = learn.batch
+        learn.batch = (x + 0.1 * torch.randn(x.shape, generator=self.gen), y)
+
+    def state_dict(self):
+        return {"gen": self.gen.get_state()}
+
+    def load_state_dict(self, state):
+        self.gen.set_state(state["gen"])
+
+
+def test_a_joining_callback_is_restored_and_auto_takes_fit_callbacks():
+    a, b = Noise(), Noise()
+    learn_a, learn_b = make(cbs=[a]), make(cbs=[b])
+    learn_a.lr_find(num_it=10)
+    learn_a.fit(1)
+    learn_b.fit(1)
+    assert a.calls == 14 and learn_a.recorder.losses == learn_b.recorder.losses
+    c = Noise()
+    make().fit_one_cycle(1, "auto", cbs=[c])  # a fit-level callback joins the range test too
+    assert c.calls > 4
 
 
 @pytest.mark.parametrize("in_lr_find", [False, True])

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -336,6 +337,46 @@ def test_resume_with_other_settings_is_refused(tmp_path):
         make_learner().fit(2, 1e-2, resume_from=123)
 
 
+def test_resume_takes_equivalent_callbacks_and_older_checkpoints(tmp_path):
+    from lrfind.checkpoint import describe
+
+    def decay(epoch):
+        return 0.5**epoch
+
+    sched = lrfind.TorchScheduler(torch.optim.lr_scheduler.LambdaLR, lr_lambda=decay)
+    assert "0x" not in describe(sched)  # an address differs in the next process
+    path = tmp_path / "ck.pt"
+    full = make_learner()
+    full.fit(3, 1e-2, cbs=[EarlyStopping(patience=5)])
+    cut = make_learner()
+    with pytest.raises(KeyboardInterrupt):
+        cut.fit(3, 1e-2, cbs=[EarlyStopping(patience=5), SaveBest(tmp_path / "a.pt"),
+                              Checkpoint(path), StopAt(0)])
+    state = torch.load(path, weights_only=False)
+    resumed = make_learner()  # SaveBest writes elsewhere now: the same callback all the same
+    resumed.fit(3, 1e-2, cbs=[EarlyStopping(patience=5), SaveBest(tmp_path / "b.pt")],
+                resume_from=path)
+    assert same(weights(full), weights(resumed))
+    # a file of an earlier version: no callback states, no epoch start, fewer call keys
+    del state["callbacks"], state["recorder"]["epoch_start"]
+    del state["sched"]["wd"], state["sched"]["accum_steps"]
+    torch.save(state, path)
+    old = make_learner()
+    old.fit(3, 1e-2, cbs=[EarlyStopping(patience=5)], resume_from=path)
+    assert same(weights(full), weights(old))
+
+
+def test_per_group_scheduler_arguments_and_numpy_settings(tmp_path):
+    learn = make_learner(wd=np.float32(0.01), accum_steps=np.int64(1))
+    two = [lambda e: 1.0, lambda e: 0.5**e]
+    learn.opt.add_param_group({"params": [torch.zeros(1, requires_grad=True)], "lr": 1e-3})
+    learn.fit(np.int64(2), 1e-2, cbs=[
+        lrfind.TorchScheduler(torch.optim.lr_scheduler.LambdaLR, lr_lambda=two)])
+    assert type(learn.opt.param_groups[0]["weight_decay"]) is float
+    learn.save(tmp_path / "m.pt")
+    learn.load(tmp_path / "m.pt")  # loads: no numpy value inside
+
+
 def test_monitors_skip_an_epoch_cancelled_before_validation(tmp_path):
     class CancelFirstEpoch(Callback):
         def before_batch(self, learn):
@@ -469,6 +510,7 @@ def test_a_loader_with_its_own_sampler_is_not_resharded_silently():
     from torch.utils.data import (
         BatchSampler,
         DataLoader,
+        RandomSampler,
         SequentialSampler,
         TensorDataset,
         WeightedRandomSampler,
@@ -478,9 +520,12 @@ def test_a_loader_with_its_own_sampler_is_not_resharded_silently():
 
     ds = TensorDataset(torch.zeros(8, 2))
     weighted = DataLoader(ds, batch_size=2, sampler=WeightedRandomSampler([1.0] * 8, 8))
-    with pytest.raises(ValueError, match=r"^train_dl has its own WeightedRandomSampler, which "
-                                         r"sharding for 2 processes would replace"):
+    with pytest.raises(ValueError, match=r"^train_dl has its own WeightedRandomSampler settings, "
+                                         r"which sharding for 2 processes would replace"):
         distributed_loader(weighted, 2, 0)
+    drawn = DataLoader(ds, batch_size=2, sampler=RandomSampler(ds, replacement=True))
+    with pytest.raises(ValueError, match=r"^train_dl has its own RandomSampler settings"):
+        distributed_loader(drawn, 2, 0)
     batches = DataLoader(ds, batch_sampler=BatchSampler(SequentialSampler(ds), 2, False))
     with pytest.raises(ValueError, match=r"^train_dl has its own batch_sampler"):
         distributed_loader(batches, 2, 0)
