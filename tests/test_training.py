@@ -51,12 +51,16 @@ def same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
 
 
 class StopAt(Callback):
-    """Raise KeyboardInterrupt after the given epoch (after checkpoints are written)."""
+    """Raise KeyboardInterrupt after the given epoch or optimizer step (after checkpoints)."""
 
     order = 90
 
-    def __init__(self, epoch: int) -> None:
-        self.epoch = epoch
+    def __init__(self, epoch: int | None = None, step: int | None = None) -> None:
+        self.epoch, self.step = epoch, step
+
+    def after_step(self, learn: lrfind.Learner) -> None:
+        if learn.train_iter == self.step:
+            raise KeyboardInterrupt
 
     def after_epoch(self, learn: lrfind.Learner) -> None:
         if learn.epoch == self.epoch:
@@ -270,19 +274,6 @@ def test_resume_with_a_torch_scheduler_is_exact(tmp_path, sched):
     assert same(weights(full), weights(resumed))
 
 
-class StopAtStep(Callback):
-    """Raise KeyboardInterrupt after the given optimizer step (after checkpoints are written)."""
-
-    order = 90
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def after_step(self, learn: lrfind.Learner) -> None:
-        if learn.train_iter == self.step:
-            raise KeyboardInterrupt
-
-
 @pytest.mark.parametrize("stop", [5, 9])  # mid-epoch; the last step of epoch 0
 def test_resume_from_a_step_checkpoint_keeps_the_epoch_rows(tmp_path, stop):
     full = make_learner()
@@ -290,7 +281,7 @@ def test_resume_from_a_step_checkpoint_keeps_the_epoch_rows(tmp_path, stop):
     cut = make_learner()
     with pytest.raises(KeyboardInterrupt):
         cut.fit_one_cycle(3, 1e-2, cbs=[Checkpoint(tmp_path / "ck.pt", every=stop + 1),
-                                        StopAtStep(stop)])
+                                        StopAt(step=stop)])
     resumed = make_learner()
     resumed.fit_one_cycle(3, 1e-2, resume_from=tmp_path / "ck.pt")
     assert same(weights(full), weights(resumed))
@@ -304,7 +295,7 @@ def test_resume_from_a_step_checkpoint_keeps_the_epoch_rows(tmp_path, stop):
 def test_a_resume_that_fails_early_does_not_leak_into_the_next_fit(tmp_path):
     cut = make_learner()
     with pytest.raises(KeyboardInterrupt):
-        cut.fit(2, 1e-2, cbs=[Checkpoint(tmp_path / "ck.pt", every=3), StopAtStep(5)])
+        cut.fit(2, 1e-2, cbs=[Checkpoint(tmp_path / "ck.pt", every=3), StopAt(step=5)])
 
     class Fail(Callback):
         def before_fit(self, learn):
