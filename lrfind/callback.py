@@ -157,7 +157,9 @@ class ParamScheduler(Callback):
 class TorchScheduler(Callback):
     """Drive a ``torch.optim.lr_scheduler`` class from the learner.
 
-    Built on ``learn.opt`` at the start of fit. ``interval="epoch"`` (default) steps at each
+    ``sched_cls(learn.opt, *args, **kwargs)`` builds it at the start of fit; any callable
+    taking the optimizer first works, e.g. ``lambda opt: SequentialLR(opt, [...], [...])``
+    to chain schedulers built on that optimizer. ``interval="epoch"`` (default) steps at each
     epoch end, ``ReduceLROnPlateau`` with the ``monitor`` value (default ``"valid_loss"``);
     ``interval="batch"`` steps after every optimizer step, and ``CosineAnnealingWarmRestarts``
     then gets the fractional epoch ``(step + 1) / steps_per_epoch``.

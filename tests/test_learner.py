@@ -803,6 +803,19 @@ def test_sgdr_restarts_on_the_first_step_of_every_cycle(batches, mult):
         assert all(y < x for x, y in pairwise(lrs[a:b])) and lrs[b - 1] > 0
 
 
+def test_torch_scheduler_from_a_function_of_the_optimizer():
+    sched = torch.optim.lr_scheduler
+
+    def chain(opt):
+        return sched.SequentialLR(opt, [sched.LinearLR(opt, 0.1, total_iters=2),
+                                        sched.CosineAnnealingLR(opt, T_max=3)], milestones=[2])
+
+    learn = make()
+    learn.fit(5, lr=0.01, cbs=[TorchScheduler(chain)])
+    per_epoch = learn.recorder.lrs[::4]  # 4 batches an epoch
+    assert per_epoch == pytest.approx([0.001, 0.0055, 0.01, 0.0075, 0.0025])
+
+
 def test_numpy_numbers_are_numbers():
     learn = make()
     learn.fit(1, lr=np.float32(1e-2))
