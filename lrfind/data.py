@@ -83,7 +83,12 @@ def digits(
         raise ValueError(f"image must be a bool, got {image!r}")
 
     x, y = load_digits()
+    if seed >= 2**63:
+        raise ValueError(f"seed must be below 2**63, got {seed!r}")
     train_idx, valid_idx = _stratified_split(y, float(valid_pct), seed)
+    if len(train_idx) == 0 or len(valid_idx) == 0:
+        raise ValueError(f"valid_pct={valid_pct!r} leaves {len(train_idx)} training and "
+                         f"{len(valid_idx)} validation images: both need some")
     xt = torch.from_numpy(x)
     if image:
         xt = xt.view(-1, 1, 8, 8)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import itertools
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
@@ -173,22 +174,24 @@ class LRFindResult:
     def plot(self, ax: Any = None, skip_end: int = 5) -> Any:
         """Smoothed loss against LR on a log-x axis, one labelled marker per suggestion.
 
-        The last ``skip_end`` points (default 5) are left out. Returns the matplotlib Axes.
+        The last ``skip_end`` points (default 5) are left out, at most a quarter of them as in
+        the suggestion input, so a short run still shows its curve. Returns the matplotlib Axes.
         """
+        check_int("skip_end", skip_end, low=0)
         ax = new_axes(ax)
-        n = len(self.lrs) - skip_end if len(self.lrs) > skip_end else len(self.lrs)
+        n = len(self.lrs) - min(skip_end, len(self.lrs) // 4)
         lrs, losses = np.asarray(self.lrs[:n]), np.asarray(self.losses[:n])
         ax.plot(lrs, losses)
         good = np.isfinite(losses)
-        for (name, lr), marker in zip(self.suggestions.items(), "ovs^Dp*h"):
-            if lr is None or not good.any():
-                continue
-            y = np.interp(np.log(lr), np.log(lrs[good]), losses[good])
-            ax.plot([lr], [y], marker, markersize=8, label=f"{name}: {lr:.2e}")
+        found = [(k, v) for k, v in self.suggestions.items() if v is not None]
+        for (name, lr), marker in zip(found, itertools.cycle("ovs^Dp*h")):
+            if good.any():
+                y = np.interp(np.log(lr), np.log(lrs[good]), losses[good])
+                ax.plot([lr], [y], marker, markersize=8, label=f"{name}: {lr:.2e}")
         ax.set_xscale("log")
         ax.set_xlabel("learning rate")
         ax.set_ylabel("loss (smoothed)")
-        if self.suggestions:
+        if found and good.any():
             ax.legend()
         return ax
 

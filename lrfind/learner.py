@@ -573,8 +573,10 @@ class Learner:
         with self._eval_mode():
             for batch in dl:
                 batch = to_device(batch, self.device)
-                loss = self._loss(batch, self.model)
                 bs = batch_size(batch)
+                if bs == 0:  # an empty batch weighs nothing (its mean would be NaN)
+                    continue
+                loss = self._loss(batch, self.model)
                 values = [loss.detach().float()]
                 values += [m(self.pred, batch[-1]) for m in self.metrics]
                 sums = [s + v * bs for s, v in zip(sums, values)]  # stays on the device

@@ -9,8 +9,16 @@ import torch
 
 
 def accuracy(preds: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Share of rows whose arg-max over the last axis equals the target."""
-    return (preds.argmax(dim=-1) == targets).float().mean()
+    """Share of rows whose arg-max over the last axis equals the target.
+
+    Targets may be of shape (N,) or (N, 1); any other number of them is an error.
+    """
+    picked = preds.argmax(dim=-1).reshape(-1)
+    targets = targets.reshape(-1)
+    if picked.shape != targets.shape:
+        raise ValueError(f"accuracy: {picked.numel()} predictions (preds of shape "
+                         f"{tuple(preds.shape)}) but {targets.numel()} targets")
+    return (picked == targets).float().mean()
 
 
 def error_rate(preds: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from .callback import Callback, get_momentum
+from .utils import check_int
 
 if TYPE_CHECKING:
     from .learner import Learner
@@ -43,6 +44,7 @@ class Recorder(Callback):
         self._losses: list[float] = []
         self._pending: list[torch.Tensor] = []
         self._epoch_start = 0  # index in the losses of the current epoch's first step
+        self._epoch_ends: list[int] = []  # steps done at the end of each epoch in values
         self.values: list[dict[str, float]] = []
         self.lr_find_result: Any = None
 
@@ -78,7 +80,7 @@ class Recorder(Callback):
     def state_dict(self) -> dict[str, Any]:
         """History as plain Python values (for checkpoints)."""
         return {"lrs": self.lrs, "moms": self.moms, "losses": self.losses, "values": self.values,
-                "epoch_start": self._epoch_start}
+                "epoch_start": self._epoch_start, "epoch_ends": self._epoch_ends}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore the history saved by :meth:`state_dict`."""
@@ -86,11 +88,14 @@ class Recorder(Callback):
         self._losses, self.values = list(state["losses"]), [dict(v) for v in state["values"]]
         self._pending = []
         self._epoch_start = state.get("epoch_start", len(self._losses))
+        per_epoch = len(self._losses) / max(len(self.values), 1)  # older files: evenly spaced
+        self._epoch_ends = list(state.get("epoch_ends", [round((i + 1) * per_epoch)
+                                                          for i in range(len(self.values))]))
 
     def before_fit(self, learn: Learner) -> None:
         if not learn.resuming:
             self.lrs, self.moms, self._losses, self._pending, self.values = [], [], [], [], []
-            self._epoch_start = 0
+            self._epoch_start, self._epoch_ends = 0, []
         # A mid-epoch resume keeps the loaded epoch start, so the epoch's train_loss averages
         # all of its steps. It moves on at each epoch end, not in before_epoch, which a
         # resumed epoch also fires and an earlier callback may cancel.
@@ -113,6 +118,7 @@ class Recorder(Callback):
         row.update(learn.valid_result or {})
         row["time"] = time.perf_counter() - self._start_time
         self.values.append(row)
+        self._epoch_ends.append(len(self._losses))
         self._start_time = time.perf_counter()
         self._epoch_start = len(self._losses)
 
@@ -127,16 +133,17 @@ class Recorder(Callback):
         """
         from .plots import new_axes
 
+        check_int("skip_start", skip_start, low=0)
         ax = new_axes(ax)
         losses = np.asarray(self.losses)
         steps = np.arange(len(losses))
         ax.plot(steps[skip_start:], losses[skip_start:], alpha=0.3, label="train (raw)")
         ax.plot(steps[skip_start:], smooth(losses, self.beta)[skip_start:], label="train")
-        valid = [(r, r["valid_loss"]) for r in self.values if "valid_loss" in r]
-        if with_valid and valid and len(self.values):
-            per_epoch = len(losses) / len(self.values)
-            xs = [(i + 1) * per_epoch - 1 for i in range(len(self.values))]
-            ax.plot(xs[-len(valid):], [v for _, v in valid], "o-", label="valid")
+        # each epoch's validation loss at the last step of that epoch
+        valid = [(end - 1, r["valid_loss"]) for end, r in zip(self._epoch_ends, self.values)
+                 if "valid_loss" in r]
+        if with_valid and valid:
+            ax.plot(*zip(*valid), "o-", label="valid")
         ax.set_xlabel("optimizer step")
         ax.set_ylabel("loss")
         ax.legend()
@@ -150,11 +157,13 @@ class Recorder(Callback):
         from .plots import new_axes
 
         series = {"lr": self.lrs, "mom": self.moms}
-        for k in keys:
-            if k not in series:
-                raise ValueError(f"keys must be among {tuple(series)}, got {k!r}")
+        if isinstance(keys, str) or not keys or any(k not in series for k in keys):
+            raise ValueError(f"keys must be a non-empty sequence of names among "
+                             f"{tuple(series)}, got {keys!r}")
         axes = new_axes(ax, ncols=1 if ax is not None else len(keys))
-        for a, k in zip(np.atleast_1d(axes) if ax is None else [ax] * len(keys), keys):
+        if ax is None:
+            axes = np.atleast_1d(axes)
+        for a, k in zip(axes if ax is None else [ax] * len(keys), keys):
             a.plot([np.nan if v is None else v for v in series[k]])
             a.set_xlabel("optimizer step")
             a.set_ylabel(k)

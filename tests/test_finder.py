@@ -639,6 +639,30 @@ def test_plot_headless_one_marker_per_suggestion():
     assert len(ax2.lines) == 1 + n_found
 
 
+@pytest.mark.parametrize("points", [6, 7, 9])
+def test_plot_of_a_short_run_keeps_its_curve_and_markers_on_it(points):
+    res = lrfind.LRFindResult(list(np.logspace(-4, -1, points)), [1.0] * points,
+                              list(np.linspace(2.0, 1.0, points)), "diverged",
+                              {"minimum": 1e-3, "none": None}, num_it=100)
+    ax = res.plot()
+    curve = ax.lines[0].get_xdata()
+    assert len(curve) == points - points // 4  # the cut of the suggestion input, not 5
+    assert len(ax.lines) == 2 and curve[0] <= ax.lines[1].get_xdata()[0] <= curve[-1]
+    with pytest.raises(ValueError, match=r"^skip_end must be an integer >= 0, got -1"):
+        res.plot(skip_end=-1)
+
+
+def test_plot_markers_for_many_suggestions_and_no_legend_without_them():
+    lrs, losses = list(np.logspace(-4, -1, 20)), list(np.linspace(2.0, 1.0, 20))
+    many = {f"s{i}": 1e-3 * (i + 1) for i in range(9)}
+    ax = lrfind.LRFindResult(lrs, losses, losses, "num_it reached", many, 20).plot()
+    assert len(ax.lines) == 1 + 9 and len(ax.get_legend().get_texts()) == 9
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # matplotlib warns on a legend with nothing in it
+        ax = lrfind.LRFindResult(lrs, losses, losses, "diverged", {"steep": None}, 20).plot()
+    assert ax.get_legend() is None
+
+
 # ---- bad inputs ------------------------------------------------------------------------------
 
 BAD = [

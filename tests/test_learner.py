@@ -28,6 +28,7 @@ from lrfind import (
     Learner,
     SaveBest,
     TorchScheduler,
+    accuracy,
     schedules,
 )
 from lrfind.learner import resolve_lrs
@@ -899,11 +900,41 @@ def test_plots_are_headless_and_return_axes():
     assert len(axes) == 2 and all(isinstance(a, Axes) for a in axes)
     assert list(axes[0].lines[0].get_ydata()) == learn.recorder.lrs
     one = learn.recorder.plot_sched(keys=("lr",))
-    assert isinstance(one, Axes)
+    assert len(one) == 1 and isinstance(one[0], Axes)  # an array for any number of keys
     given = learn.recorder.plot_loss(ax=ax)
     assert given is ax
-    with pytest.raises(ValueError, match="keys must be among"):
-        learn.recorder.plot_sched(keys=("wd",))
+    for keys in [("wd",), (), "lr"]:
+        with pytest.raises(ValueError, match=r"^keys must be a non-empty sequence of names"):
+            learn.recorder.plot_sched(keys=keys)
+    with pytest.raises(ValueError, match=r"^skip_start must be an integer >= 0, got -5"):
+        learn.recorder.plot_loss(skip_start=-5)
+
+
+def test_plot_loss_puts_each_validation_at_its_epoch_end():
+    class Stop(Callback):
+        def before_batch(self, learn):
+            if learn.epoch == 1 and learn.iter == 0:
+                raise CancelEpochException  # no validation for epoch 1
+            if learn.epoch == 2 and learn.iter == 2:
+                raise KeyboardInterrupt
+
+    learn = make()
+    with pytest.raises(KeyboardInterrupt):
+        learn.fit(3, lr=0.01, cbs=[Stop()])
+    valid = learn.recorder.plot_loss().lines[2]
+    assert list(valid.get_xdata()) == [3]  # epoch 0 ends after step 3; epoch 1 has none
+
+
+def test_accuracy_checks_shapes_and_validate_skips_empty_batches():
+    preds = torch.tensor([[0.1, 0.9], [0.8, 0.2], [0.3, 0.7], [0.6, 0.4]])
+    assert accuracy(preds, torch.tensor([[1], [0], [0], [0]])).item() == 0.75  # (N, 1) targets
+    with pytest.raises(ValueError, match=r"^accuracy: 4 predictions .* but 1 targets"):
+        accuracy(preds, torch.tensor([1]))
+    learn = make(metrics=[lambda p, y: (p - y).abs().mean()])
+    x, y = data(16)
+    one = DataLoader(TensorDataset(x, y), batch_size=16)
+    empty = [(x[:0], y[:0])]
+    assert learn.validate([*one, *empty]) == learn.validate(one)  # not NaN
 
 
 def test_import_does_not_import_matplotlib():
