@@ -24,7 +24,14 @@ from .callback import Callback, CancelFitException
 from .learner import Learner
 from .plots import in_notebook, new_axes
 from .suggest import SUGGESTIONS, suggestion_input
-from .utils import check_int, check_number, check_positive, get_rng_state, set_rng_state
+from .utils import (
+    check_int,
+    check_number,
+    check_positive,
+    get_rng_state,
+    map_nested,
+    set_rng_state,
+)
 
 Suggestion = Callable[[np.ndarray, np.ndarray], "float | None"]
 STOP_REASONS = ("diverged", "non-finite loss", "num_it reached")
@@ -41,26 +48,12 @@ class _Saved:
 
 def _save(obj: Any) -> Any:
     """Copy of a nested dict/list/tuple with every tensor copied to the CPU (dtype kept)."""
-    if isinstance(obj, torch.Tensor):
-        return _Saved(obj)
-    if isinstance(obj, dict):
-        return {k: _save(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        items = [_save(v) for v in obj]
-        return type(obj)(*items) if hasattr(obj, "_fields") else type(obj)(items)
-    return obj
+    return map_nested(obj, _Saved)
 
 
 def _load(obj: Any) -> Any:
     """Inverse of :func:`_save`: every tensor back on its device, with its dtype."""
-    if isinstance(obj, _Saved):
-        return obj.value.to(obj.device, copy=True)
-    if isinstance(obj, dict):
-        return {k: _load(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        items = [_load(v) for v in obj]
-        return type(obj)(*items) if hasattr(obj, "_fields") else type(obj)(items)
-    return obj
+    return map_nested(obj, lambda s: s.value.to(s.device, copy=True), _Saved)
 
 
 @contextlib.contextmanager

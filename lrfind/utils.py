@@ -6,6 +6,7 @@ import math
 import numbers
 import os
 import random
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -52,16 +53,21 @@ def check_path(name: str, value: object) -> str:
     return os.fspath(value)
 
 
+def map_nested(obj: Any, fn: Callable[[Any], Any], kind: type = torch.Tensor) -> Any:
+    """``obj`` with ``fn`` applied to every ``kind`` nested in tuples, lists and dicts."""
+    if isinstance(obj, kind):
+        return fn(obj)
+    if isinstance(obj, (list, tuple)):
+        items = [map_nested(o, fn, kind) for o in obj]
+        return type(obj)(*items) if hasattr(obj, "_fields") else type(obj)(items)
+    if isinstance(obj, dict):
+        return type(obj)((k, map_nested(v, fn, kind)) for k, v in obj.items())
+    return obj
+
+
 def to_device(obj: Any, device: torch.device) -> Any:
     """Move tensors nested in tuples, lists and dicts to ``device``; leave anything else."""
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device, non_blocking=True)
-    if isinstance(obj, (list, tuple)):
-        moved = [to_device(o, device) for o in obj]
-        return type(obj)(*moved) if hasattr(obj, "_fields") else type(obj)(moved)
-    if isinstance(obj, dict):
-        return type(obj)((k, to_device(v, device)) for k, v in obj.items())
-    return obj
+    return map_nested(obj, lambda t: t.to(device, non_blocking=True))
 
 
 def batch_size(batch: Any) -> int:
