@@ -82,22 +82,46 @@ def batch_size(batch: Any) -> int:
     return 1
 
 
-def loader_generators(dl: Any) -> list[torch.Generator]:
-    """The torch generators a loader draws its order from: its own and its samplers'."""
-    found = []
+#: generator types a loader or sampler may draw its order from
+GENERATORS = (torch.Generator, np.random.Generator, np.random.RandomState, random.Random)
+
+
+def loader_generators(dl: Any) -> list[Any]:
+    """The generators a loader draws its order from (any of :data:`GENERATORS`).
+
+    That is the ``generator`` attribute of the loader, its sampler and its batch sampler (and
+    the batch sampler's sampler).
+    """
+    found: list = []
     for owner in (dl, getattr(dl, "sampler", None), getattr(dl, "batch_sampler", None),
                   getattr(getattr(dl, "batch_sampler", None), "sampler", None)):
         gen = getattr(owner, "generator", None)
-        if isinstance(gen, torch.Generator) and all(gen is not g for g in found):
+        if isinstance(gen, GENERATORS) and all(gen is not g for g in found):
             found.append(gen)
     return found
+
+
+def _generator_state(gen: Any) -> Any:
+    if isinstance(gen, np.random.Generator):
+        return gen.bit_generator.state
+    return gen.getstate() if isinstance(gen, random.Random) else gen.get_state()
+
+
+def _set_generator_state(gen: Any, state: Any) -> None:
+    if isinstance(gen, np.random.Generator):
+        gen.bit_generator.state = state
+    elif isinstance(gen, random.Random):
+        gen.setstate(state)
+    else:
+        gen.set_state(state)
 
 
 def get_rng_state(dl: Any = None) -> dict:
     """Snapshot of the torch (CPU and CUDA), numpy and Python RNGs and ``dl``'s generators."""
     state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
              "python": random.getstate(),
-             "loader": [g.get_state() for g in loader_generators(dl)] if dl is not None else []}
+             "loader": [_generator_state(g) for g in loader_generators(dl)]
+                        if dl is not None else []}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -112,7 +136,7 @@ def set_rng_state(state: dict, dl: Any = None) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
     if dl is not None:
         for gen, s in zip(loader_generators(dl), state.get("loader", [])):
-            gen.set_state(s)
+            _set_generator_state(gen, s)
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:

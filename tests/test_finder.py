@@ -312,6 +312,42 @@ def test_lr_find_then_fit_trains_exactly_like_fit_alone():
     assert a.recorder.losses == b.recorder.losses
 
 
+class ShuffleSampler(torch.utils.data.Sampler):
+    """Shuffles with its own ``generator`` of any kind lrfind restores."""
+
+    def __init__(self, n, generator):
+        self.n, self.generator = n, generator
+
+    def __len__(self):
+        return self.n
+
+    def __iter__(self):
+        gen = self.generator
+        if isinstance(gen, torch.Generator):
+            return iter(torch.randperm(self.n, generator=gen).tolist())
+        if isinstance(gen, random.Random):
+            return iter(gen.sample(range(self.n), self.n))
+        return iter(gen.permutation(self.n).tolist())  # numpy Generator or RandomState
+
+
+@pytest.mark.parametrize("make_gen", [
+    lambda: torch.Generator().manual_seed(3), lambda: np.random.default_rng(3),
+    lambda: np.random.RandomState(3), lambda: random.Random(3)],
+    ids=["torch", "numpy-generator", "numpy-randomstate", "python-random"])
+def test_a_custom_samplers_generator_is_restored(make_gen):
+    def build():
+        dl = DataLoader(TensorDataset(*data()), batch_size=16,
+                        sampler=ShuffleSampler(64, make_gen()))
+        return make(dl=dl), dl
+
+    (a, dl), (b, _) = build(), build()
+    a.lr_find(num_it=15)  # draws 4 orders from the sampler's generator
+    assert [y.tolist() for _, y in dl] == [y.tolist() for _, y in b.train_dl]
+    a.fit(1)
+    b.fit(1)
+    assert a.recorder.losses == b.recorder.losses
+
+
 def test_two_runs_in_a_row_give_identical_curves():
     learn, _ = prepared_learner()
     r1 = learn.lr_find(num_it=25)
