@@ -12,6 +12,7 @@ import contextlib
 import copy
 import itertools
 import math
+import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
@@ -82,7 +83,8 @@ def preserved(learn: Learner, cbs: Sequence[Callback] = ()) -> Iterator[None]:
     # restored by hand: Optimizer.load_state_dict would cast the state to the parameters' dtype
     groups = [_save({k: v for k, v in g.items() if k != "params"}) for g in opt.param_groups]
     opt_state = {p: _save(s) for p, s in opt.state.items()}
-    scaler = None if learn.scaler is None else _save(learn.scaler.state_dict())
+    scaler = learn.scaler  # fit runs on a fresh scaler: the user's comes back as it was
+    scaler_state = None if scaler is None else _save(scaler.state_dict())
     rng = get_rng_state(dl)
     sampler = getattr(dl, "sampler", None)
     epoch = getattr(sampler, "epoch", None) if hasattr(sampler, "set_epoch") else None
@@ -90,6 +92,8 @@ def preserved(learn: Learner, cbs: Sequence[Callback] = ()) -> Iterator[None]:
     attrs = {k: getattr(learn, k) for k in ("epoch", "n_epoch", "train_iter", "iter",
                                             "total_steps", "steps_per_epoch", "valid_result",
                                             "fit_error", "resuming", "sched_args")}
+    if workers is not None:
+        dl._iterator = None  # the sweep starts workers of its own: these keep their RNGs
     try:
         yield
     finally:
@@ -114,15 +118,16 @@ def preserved(learn: Learner, cbs: Sequence[Callback] = ()) -> Iterator[None]:
             g.update(_load(hyper))
         opt.state.clear()
         opt.state.update({p: _load(s) for p, s in opt_state.items()})
+        learn.scaler = scaler
         if scaler is not None:
-            learn.scaler.load_state_dict(_load(scaler))
+            scaler.load_state_dict(_load(scaler_state))
         set_rng_state(rng, dl)
         if epoch is not None:
             sampler.set_epoch(epoch)
-        if workers is None and getattr(dl, "_iterator", None) is not None:
-            # workers started by the sweep have drawn from their RNGs: let the next pass
-            # start fresh ones, seeded as they would have been without the range test
-            dl._iterator = None
+        if getattr(dl, "_iterator", None) is not workers:
+            # the sweep's workers have drawn from their RNGs: let them go, and give the next
+            # pass the workers it would have had without the range test (or fresh ones)
+            dl._iterator = workers
         for k, v in attrs.items():
             setattr(learn, k, v)
         for cb, state in cb_states:
@@ -212,7 +217,7 @@ class RangeTest(Callback):
             self.bar = tqdm(total=len(self.grid), desc="lr_find", leave=False)
 
     def before_train(self, learn: Learner) -> None:
-        self.fed = False
+        self.fed = self.stepping = False
 
     def before_batch(self, learn: Learner) -> None:
         self.fed = True
@@ -227,9 +232,21 @@ class RangeTest(Callback):
         lr = self.grid[learn.train_iter]
         for g, r in zip(learn.opt.param_groups, self.ratios):
             g["lr"] = lr * r
+        self.stepping = True
+
+    def after_batch(self, learn: Learner) -> None:
+        if self.stepping:  # the step was skipped (fp16 overflow): stop if the loss overflowed
+            self.stepping = False
+            loss = learn.reduce_loss(learn.step_loss).item()
+            if not math.isfinite(loss):
+                self._record(learn, loss)
 
     def after_step(self, learn: Learner) -> None:
-        loss = learn.reduce_loss(learn.step_loss).item()  # the one host sync per step
+        self.stepping = False
+        self._record(learn, learn.reduce_loss(learn.step_loss).item())  # one host sync a step
+
+    def _record(self, learn: Learner, loss: float) -> None:
+        """Record the loss of step ``learn.train_iter``; stop the sweep when it is done."""
         k = learn.train_iter
         self.lrs.append(self.grid[k])
         self.raw.append(loss)
@@ -278,11 +295,15 @@ def _check_args(start_lr: float, end_lr: float, num_it: int, stop_div: bool, div
         if isinstance(f, str):
             if f not in SUGGESTIONS:
                 raise ValueError(f"unknown suggestion {f!r}; known: {sorted(SUGGESTIONS)}")
-            funcs[f] = SUGGESTIONS[f]
+            name, f = f, SUGGESTIONS[f]
         elif callable(f):
-            funcs[getattr(f, "__name__", type(f).__name__)] = f
+            name = getattr(f, "__name__", type(f).__name__)
         else:
             raise TypeError(f"suggest_funcs must hold names or functions, got {f!r}")
+        if name in funcs:  # the result is keyed by name: one would hide the other
+            raise ValueError(f"suggest_funcs has two suggestions named {name!r}: give each "
+                             "function its own __name__")
+        funcs[name] = f
     return funcs
 
 
@@ -307,8 +328,9 @@ def learner_lr_find(learn: Learner, start_lr: float = 1e-7, end_lr: float = 10.0
     valid_dl, learn.valid_dl = learn.valid_dl, None  # no validation during the sweep
     try:
         with preserved(learn, joining):
-            # Every epoch makes at least one step, so num_it epochs always suffice.
-            learn._fit(num_it, [test, *joining], only=True)
+            # Every epoch tries at least one step; fp16 skips a few (overflow): 2 * num_it
+            # epochs leave room for num_it skipped steps.
+            learn._fit(2 * num_it, [test, *joining], only=True)
     finally:
         learn.valid_dl = valid_dl
     lrs, losses = suggestion_input(np.array(test.lrs), np.array(test.smooth), num_it)
@@ -344,8 +366,16 @@ def lr_find(model: nn.Module, optimizer: torch.optim.Optimizer, train_dl: Any, *
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {optimizer!r}")
     funcs = _check_args(start_lr, end_lr, num_it, stop_div, div_th, beta, mode, suggest_funcs)
+    # under torchrun the Learner wraps the model in DDP, which copies the first process's
+    # weights into every process: each gets its own back afterwards
+    own = _save(model.state_dict()) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
     learn = Learner(model, train_dl, loss_func=loss_func, compute_loss=compute_loss,
-                    opt_func=lambda groups: optimizer, lr=None, progress=progress)
-    return learner_lr_find(learn, start_lr=start_lr, end_lr=end_lr, num_it=num_it,
-                           stop_div=stop_div, div_th=div_th, beta=beta, mode=mode,
-                           suggest_funcs=tuple(funcs.values()), show_plot=show_plot)
+                    opt_func=lambda groups: optimizer, lr=None, progress=progress,
+                    splitter=lambda m: [g["params"] for g in optimizer.param_groups])
+    try:
+        return learner_lr_find(learn, start_lr=start_lr, end_lr=end_lr, num_it=num_it,
+                               stop_div=stop_div, div_th=div_th, beta=beta, mode=mode,
+                               suggest_funcs=tuple(funcs.values()), show_plot=show_plot)
+    finally:
+        if own is not None:
+            model.load_state_dict(_load(own))

@@ -109,7 +109,12 @@ class Learner:
             if not hasattr(dl, "__iter__") or not hasattr(dl, "__len__"):
                 raise TypeError(f"{name} must be a sized iterable such as a DataLoader, got "
                                 f"{type(dl).__name__}")
-            if len(dl) == 0:
+            try:
+                n = len(dl)
+            except TypeError as e:  # a DataLoader over an IterableDataset without __len__
+                raise TypeError(f"{name} must have a length (schedules count its batches); "
+                                f"len({name}) raised: {e}") from None
+            if n == 0:
                 raise ValueError(f"{name} is empty (len 0): it must yield at least one batch")
         if compute_loss is None and loss_func is None:
             raise ValueError("loss_func and compute_loss are both None: pass one of them")
@@ -354,6 +359,10 @@ class Learner:
         if not self.resuming:
             self.epoch, self.train_iter = 0, 0
         self.fit_error, self.step_n = None, 0
+        if self.scaler is not None:  # a step cut short (Ctrl-C) leaves the optimizer marked
+            state = self.scaler.state_dict()  # as unscaled; a fresh scaler forgets that
+            self.scaler = torch.amp.GradScaler(self.device.type)
+            self.scaler.load_state_dict(state)
         with self._with_cbs(cbs, only):
             try:
                 self._event("before_fit")

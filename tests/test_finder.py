@@ -216,6 +216,53 @@ def test_inf_loss_stops_too():
     assert res.stop_reason == "non-finite loss" and len(res.lrs) == 4
 
 
+def overflowing_learner(n=32):
+    """fp16 on a linear model whose loss overflows fp16 as the LR grows."""
+    torch.manual_seed(0)
+    x = 30 * torch.randn(n, 4)
+    dl = DataLoader(TensorDataset(x, x.sum(1, keepdim=True)), batch_size=8)
+    return make(dl=dl, loss_func=lambda p, t: F.mse_loss(p.float(), t), opt_func=torch.optim.SGD,
+                precision="fp16")
+
+
+def test_fp16_stops_at_the_first_non_finite_loss():
+    """A skipped step (fp16 overflow) with a non-finite loss ends the sweep there."""
+    learn = overflowing_learner()
+    seen = []
+
+    def loss_func(pred, target):
+        loss = F.mse_loss(pred.float(), target)
+        seen.append(loss.item())
+        return loss
+
+    learn.loss_func = loss_func
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = learn.lr_find(num_it=40, start_lr=1e-6, end_lr=10.0, stop_div=False)
+    assert res.stop_reason == "non-finite loss" and math.isinf(res.raw_losses[-1])
+    assert all(math.isfinite(v) for v in res.raw_losses[:-1])
+    assert math.isinf(seen[-1]) and all(math.isfinite(v) for v in seen[:-1])  # no batch after
+
+
+def test_an_interrupted_fp16_step_leaves_a_scaler_that_fit_can_use():
+    learn = overflowing_learner()
+    scaler = learn.scaler
+    before = scaler.state_dict()
+    step = learn.opt.step
+
+    def interrupted(*args, **kwargs):  # Ctrl-C inside the optimizer step, after unscale_
+        raise KeyboardInterrupt
+
+    learn.opt.step = interrupted
+    with pytest.raises(KeyboardInterrupt):
+        learn.lr_find(num_it=10)
+    del learn.opt.step
+    assert learn.opt.step == step
+    assert learn.scaler is scaler and scaler.state_dict() == before
+    learn.fit(1, lr=1e-6)  # used to raise "unscale_() has already been called"
+    assert learn.scaler.get_scale() < before["scale"]  # it ran: overflows lowered the scale
+
+
 # ---- restoring everything --------------------------------------------------------------------
 
 
@@ -513,11 +560,15 @@ def test_persistent_workers_restart_so_fit_trains_like_fit_alone():
         return make(dl=dl)
 
     a, b = build(), build()
-    a.lr_find(num_it=10)
+    a.lr_find(num_it=10)  # workers started by the sweep are let go
     torch.manual_seed(1)
     a.fit(2)
     torch.manual_seed(1)
     b.fit(2)
+    assert a.recorder.losses == b.recorder.losses
+    a.lr_find(num_it=10)  # workers the fits started are kept aside, their RNGs untouched
+    a.fit(1)
+    b.fit(1)
     assert a.recorder.losses == b.recorder.losses
 
 
@@ -715,6 +766,10 @@ BAD = [
     (dict(div_th=1), ValueError, r"^div_th must be > 1, got 1"),
     (dict(suggest_funcs=("minimum", "nope")), ValueError, r"^unknown suggestion 'nope'"),
     (dict(suggest_funcs=(3,)), TypeError, r"^suggest_funcs must hold names or functions"),
+    (dict(suggest_funcs=(lambda x, y: 1e-3, lambda x, y: 1e-2)), ValueError,
+     r"^suggest_funcs has two suggestions named '<lambda>'"),
+    (dict(suggest_funcs=("steep", lrfind.steep)), ValueError,
+     r"^suggest_funcs has two suggestions named 'steep'"),
     (dict(suggest_funcs=None), TypeError, r"^suggest_funcs must be names or functions, got None"),
     (dict(stop_div="no"), TypeError, r"^stop_div must be a bool, got 'no'"),
 ]
@@ -742,6 +797,30 @@ def test_empty_loader_raises():
     with pytest.raises(ValueError, match="^train_dl is empty"):
         lrfind.lr_find(model, opt, empty, loss_func=F.mse_loss)
     assert same(w, model.state_dict())
+
+
+def test_a_loader_without_a_length_is_refused_by_name():
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter(zip(*data()))
+
+    model = nn.Linear(4, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(TypeError, match="^train_dl must have a length"):
+        lrfind.lr_find(model, opt, DataLoader(Stream(), batch_size=16), loss_func=F.mse_loss)
+
+
+def test_standalone_trains_what_the_optimizer_holds():
+    """A model with no parameters of its own: the optimizer holds them."""
+    w = nn.Parameter(torch.zeros(4, 1))
+
+    class Outside(nn.Module):
+        def forward(self, x):
+            return x @ w
+
+    opt = torch.optim.SGD([w], lr=0.1)
+    res = lrfind.lr_find(Outside(), opt, loader(), loss_func=F.mse_loss, num_it=20)
+    assert len(res.lrs) > 5 and torch.equal(w, torch.zeros(4, 1))
 
 
 def test_non_scalar_loss_raises_and_restores():

@@ -428,6 +428,20 @@ def test_fp16_overflow_skips_step_without_advancing_schedule():
     assert len(res.lrs) <= 20
 
 
+def test_fit_after_a_fit_interrupted_inside_an_fp16_step():
+    learn = make_learner(precision="fp16")
+
+    def interrupted(*args, **kwargs):  # Ctrl-C inside the optimizer step, after unscale_
+        raise KeyboardInterrupt
+
+    learn.opt.step = interrupted
+    with pytest.raises(KeyboardInterrupt):
+        learn.fit(1, 1e-2)
+    del learn.opt.step
+    learn.fit(1, 1e-2)  # used to raise "unscale_() has already been called"
+    assert len(learn.recorder.values) == 1
+
+
 def test_bad_training_arguments():
     with pytest.raises(ValueError, match="precision"):
         make_learner(precision="fp8")
@@ -470,8 +484,15 @@ learn.fit(1, 1e-2)
 frozen_kept = bool(torch.equal(first, model[0].weight))
 learn.fine_tune(1, freeze_epochs=1)
 tuned = torch.cat([p.detach().flatten() for p in learn.model.parameters()]).tolist()
+torch.manual_seed(100 + learn.rank)  # a plain model of each process's own
+own = torch.nn.Linear(8, 2)
+mine = [p.detach().clone() for p in own.parameters()]
+lrfind.lr_find(own, torch.optim.SGD(own.parameters(), lr=0.1), dl, num_it=10,
+               compute_loss=lambda m, b: F.cross_entropy(m(b[0]), b[1]), show_plot=False)
+own_kept = all(torch.equal(a, b) for a, b in zip(mine, own.parameters()))
 json.dump({"sugg": res.suggestions, "n": len(res.lrs), "w": w, "seen": fit_seen,
-           "losses": learn.recorder.losses, "frozen_kept": frozen_kept, "tuned": tuned},
+           "losses": learn.recorder.losses, "frozen_kept": frozen_kept, "tuned": tuned,
+           "own_kept": own_kept},
           open(os.path.join(sys.argv[1], "rank%d.json" % learn.rank), "w"))
 """
 
@@ -495,6 +516,7 @@ def test_two_processes_on_cpu(tmp_path):
     assert set(r0["seen"][:128]) | set(r1["seen"][:128]) == set(range(256))
     assert r0["frozen_kept"] and r1["frozen_kept"]  # freeze under DDP, then fine_tune
     assert r0["tuned"] == r1["tuned"] and r0["tuned"] != r0["w"]
+    assert r0["own_kept"] and r1["own_kept"]  # standalone lr_find: each its own weights back
 
 
 def test_a_loader_with_its_own_sampler_is_not_resharded_silently():
