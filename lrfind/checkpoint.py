@@ -52,7 +52,7 @@ def training_state(learn: Learner, mid_epoch: bool) -> dict[str, Any]:
                       for cb in stateful_callbacks(learn, [*learn.cbs, *learn._extra])],
         "epoch": learn.epoch if mid_epoch else learn.epoch + 1,
         "batches_done": learn.iter + 1 if mid_epoch else 0,
-        "train_iter": learn.train_iter + 1 if mid_epoch else learn.train_iter,
+        "train_iter": learn.train_iter,
         "n_epoch": learn.n_epoch,
         "total_steps": learn.total_steps,
         "sched": learn.sched_args,
@@ -131,7 +131,7 @@ class Checkpoint(Callback):
     :class:`SaveBest` and :class:`TorchScheduler`, is in the checkpoint too).
     """
 
-    order = 80
+    order = 100  # last: the file holds what every other callback made of the batch or epoch
 
     def __init__(self, path: str | os.PathLike, every: str | int = "epoch") -> None:
         if every != "epoch":
@@ -143,10 +143,15 @@ class Checkpoint(Callback):
         if learn.is_main:
             atomic_save(state, self.path)
 
-    def after_step(self, learn: Learner) -> None:
-        # Always "mid-epoch", also after an epoch's last step: validation and after_epoch
-        # have not run yet, so a resume replays the epoch's end from here.
-        if self.every != "epoch" and (learn.train_iter + 1) % self.every == 0:
+    def before_batch(self, learn: Learner) -> None:
+        self.steps = learn.train_iter
+
+    def after_batch(self, learn: Learner) -> None:
+        # After the batch of every N-th step, once every callback is done with it. Always
+        # "mid-epoch", also after an epoch's last step: validation and after_epoch have not
+        # run yet, so a resume replays the epoch's end from here.
+        n = learn.train_iter
+        if self.every != "epoch" and n > self.steps and n % self.every == 0:
             self._save(learn, mid_epoch=True)
 
     def after_epoch(self, learn: Learner) -> None:

@@ -190,7 +190,7 @@ class Learner:
         for cb in [self.recorder, *([ProgressCallback()] if progress else []), *cbs]:
             self.add_cb(cb)
         self.epoch, self.n_epoch, self.train_iter, self.iter = 0, 0, 0, 0
-        self.total_steps, self.steps_per_epoch = 0, 0
+        self.total_steps, self.steps_per_epoch, self.step_n = 0, 0, 0
         self.resuming, self.fit_error, self.valid_result = False, None, None
         self.resume_skip, self.resume_rng, self.epoch_rng = 0, None, None
         self.resume_cbs: list[dict] | None = None  # states of stateful callbacks, to resume
@@ -290,6 +290,9 @@ class Learner:
         if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(self.epoch)  # DistributedSampler: a new shuffle every epoch
         self.epoch_rng = self.rng_state()
+        # a chunk cut short (cancelled epoch, Ctrl-C) must not leak into this epoch's first step
+        self.step_n = 0
+        self.opt.zero_grad(set_to_none=True)
         self._event("before_train")
         n, accum, skip = len(self.train_dl), self.accum_steps, self.resume_skip
         batches = iter(self.train_dl)
@@ -332,6 +335,7 @@ class Learner:
         self._event("after_train")
 
     def _step(self) -> None:
+        stepped = False
         try:
             self._event("before_step")
             if self.scaler is not None:
@@ -346,11 +350,13 @@ class Learner:
                 self.scaler.update()
                 if self.scaler.get_scale() < scale:
                     raise CancelStepException  # overflow: the step was skipped
+            stepped = True
             self._event("after_step")
-            self.train_iter += 1
         except CancelStepException:
             pass
-        self.opt.zero_grad(set_to_none=True)
+        finally:  # also when a callback cancels the batch or the fit from after_step
+            self.train_iter += stepped
+            self.opt.zero_grad(set_to_none=True)
 
     def _fit(self, n_epoch: int, cbs: list[Callback], only: bool = False) -> None:
         self.n_epoch = n_epoch
@@ -358,7 +364,7 @@ class Learner:
         self.total_steps = n_epoch * self.steps_per_epoch
         if not self.resuming:
             self.epoch, self.train_iter = 0, 0
-        self.fit_error, self.step_n = None, 0
+        self.fit_error = None
         if self.scaler is not None:  # a step cut short (Ctrl-C) leaves the optimizer marked
             state = self.scaler.state_dict()  # as unscaled; a fresh scaler forgets that
             self.scaler = torch.amp.GradScaler(self.device.type)

@@ -834,6 +834,41 @@ class CancelIters(Callback):
             raise CancelBatchException
 
 
+class CutShort(Callback):
+    """Stops a fit (``how``) at batch 1 of epoch 0, inside an accumulation chunk of 2 batches
+    or (``"in_step"``) in the step of batch 1; records whether each batch starts with
+    gradients left over from an earlier one."""
+
+    def __init__(self, how):
+        self.how, self.leftover = how, []
+
+    def before_batch(self, learn):
+        left = any(p.grad is not None for p in learn.model.parameters())
+        self.leftover.append((learn.iter, left))
+
+    def after_batch(self, learn):
+        if (learn.epoch, learn.iter) == (0, 2) and self.how in ("epoch", "interrupt"):
+            how, self.how = self.how, None  # once: batch 2 opened a chunk, its gradient is set
+            raise CancelEpochException if how == "epoch" else KeyboardInterrupt
+
+    def after_step(self, learn):
+        if self.how == "in_step" and learn.iter == 1:
+            raise CancelBatchException
+
+
+@pytest.mark.parametrize("how", ["epoch", "interrupt", "in_step"])
+def test_no_gradient_outlives_a_chunk_cut_short(how):
+    learn, cut = make(accum_steps=2, valid=None), CutShort(how)
+    try:
+        learn.fit(2, lr=1e-2, cbs=[cut])
+    except KeyboardInterrupt:
+        learn.fit(1, lr=1e-2, cbs=[cut])  # the same learner again, as in a notebook
+    starts = [left for i, left in cut.leftover if i % 2 == 0]  # batches that open a chunk
+    assert len(starts) >= 3 and not any(starts)
+    if how == "in_step":  # the step happened, so it counts, and the schedule moves on
+        assert learn.train_iter == 2 * 2
+
+
 @pytest.mark.parametrize("cancel", [{0}, {2}])
 def test_a_cancelled_batch_counts_for_neither_loss_nor_step(cancel):
     seen = {}

@@ -53,13 +53,13 @@ def same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
 class StopAt(Callback):
     """Raise KeyboardInterrupt after the given epoch or optimizer step (after checkpoints)."""
 
-    order = 90
+    order = 110
 
     def __init__(self, epoch: int | None = None, step: int | None = None) -> None:
         self.epoch, self.step = epoch, step
 
-    def after_step(self, learn: lrfind.Learner) -> None:
-        if learn.train_iter == self.step:
+    def after_batch(self, learn: lrfind.Learner) -> None:
+        if self.step is not None and learn.train_iter == self.step + 1:  # step done
             raise KeyboardInterrupt
 
     def after_epoch(self, learn: lrfind.Learner) -> None:
@@ -108,7 +108,7 @@ def test_resume_after_sigkill_in_new_process(tmp_path):
         out, mode = sys.argv[1], sys.argv[2]
         learn = make_learner()
         class Kill(lrfind.Callback):
-            order = 90
+            order = 110
             def after_epoch(self, learn):
                 if learn.epoch == 1:
                     os.kill(os.getpid(), signal.SIGKILL)
@@ -290,6 +290,39 @@ def test_resume_from_a_step_checkpoint_keeps_the_epoch_rows(tmp_path, stop):
     for a, b in zip(full.recorder.values, resumed.recorder.values, strict=True):
         assert {k: v for k, v in a.items() if k != "time"} == {
             k: v for k, v in b.items() if k != "time"}
+
+
+class WeightAverage(Callback):
+    """A running average of the weights, updated after every batch (state in checkpoints)."""
+
+    def before_fit(self, learn):
+        self.avg, self.n = torch.cat([p.detach().flatten() for p in learn.model.parameters()]), 0
+
+    def after_batch(self, learn):
+        w = torch.cat([p.detach().flatten() for p in learn.model.parameters()])
+        self.avg, self.n = 0.9 * self.avg + 0.1 * w, self.n + 1
+
+    def state_dict(self):
+        return {"avg": self.avg.clone(), "n": self.n}
+
+    def load_state_dict(self, state):
+        self.avg, self.n = state["avg"].clone(), state["n"]
+
+
+@pytest.mark.parametrize("accum_steps", [1, 2])
+def test_a_step_checkpoint_holds_what_callbacks_did_after_the_batch(tmp_path, accum_steps):
+    full, average = make_learner(accum_steps=accum_steps), WeightAverage()
+    full.fit(2, 1e-2, cbs=[average])
+    cut = make_learner(accum_steps=accum_steps)
+    with pytest.raises(KeyboardInterrupt):
+        cut.fit(2, 1e-2, cbs=[WeightAverage(), Checkpoint(tmp_path / "ck.pt", every=2),
+                              StopAt(step=2)])
+    resumed, again = make_learner(accum_steps=accum_steps), WeightAverage()
+    resumed.fit(2, 1e-2, cbs=[again, Checkpoint(tmp_path / "ck.pt", every=2)],
+                resume_from=tmp_path / "ck.pt")
+    assert again.n == average.n == 20
+    assert torch.equal(again.avg, average.avg)
+    assert same(weights(full), weights(resumed))
 
 
 def test_a_resume_that_fails_early_does_not_leak_into_the_next_fit(tmp_path):
