@@ -191,6 +191,7 @@ class TorchScheduler(Callback):
         self.restarts = isinstance(cls, type) and issubclass(
             cls, torch.optim.lr_scheduler.CosineAnnealingWarmRestarts)
         self.monitor = monitor if self.plateau else None  # checked by the learner up front
+        self._monitor = monitor  # also for a function that builds a ReduceLROnPlateau
         if self.plateau and interval == "batch":
             raise ValueError("interval must be 'epoch' for ReduceLROnPlateau, got 'batch'")
 
@@ -203,6 +204,12 @@ class TorchScheduler(Callback):
         for group in learn.opt.param_groups:
             group.pop("initial_lr", None)  # else a scheduler from an earlier fit sets the base LR
         self.sched = self.sched_cls(learn.opt, *self.args, **self.kwargs)
+        # what it is decides how it steps: sched_cls may be a function that builds it
+        lr_scheduler = torch.optim.lr_scheduler
+        self.plateau = isinstance(self.sched, lr_scheduler.ReduceLROnPlateau)
+        self.restarts = isinstance(self.sched, lr_scheduler.CosineAnnealingWarmRestarts)
+        if self.plateau and self.interval == "batch":
+            raise ValueError("interval must be 'epoch' for ReduceLROnPlateau, got 'batch'")
 
     def state_dict(self) -> dict[str, Any]:
         """The scheduler's state and the hyper-parameters of every group it drives."""
@@ -228,7 +235,7 @@ class TorchScheduler(Callback):
         if self.interval != "epoch":
             return
         if self.plateau:
-            value = learn.recorder.values[-1].get(self.monitor)
+            value = learn.recorder.values[-1].get(self._monitor)
             if value is not None:  # None: the epoch was cancelled before validation
                 self.sched.step(value)
         else:

@@ -46,6 +46,7 @@ def training_state(learn: Learner, mid_epoch: bool) -> dict[str, Any]:
         "format": FORMAT,
         "model": learn.model.state_dict(),
         "opt": learn.opt.state_dict(),
+        "opt_class": type(learn.opt).__name__,
         "scaler": None if learn.scaler is None else learn.scaler.state_dict(),
         "recorder": learn.recorder.state_dict(),
         "callbacks": [(describe(cb), cb.state_dict())
@@ -56,9 +57,25 @@ def training_state(learn: Learner, mid_epoch: bool) -> dict[str, Any]:
         "n_epoch": learn.n_epoch,
         "total_steps": learn.total_steps,
         "sched": learn.sched_args,
-        "rng": learn.rng_state(),
-        "epoch_rng": learn.epoch_rng if mid_epoch else None,
+        "rng": _every_process(learn, learn.rng_state()),
+        "epoch_rng": _every_process(learn, learn.epoch_rng) if mid_epoch else None,
     }
+
+
+def _every_process(learn: Learner, rng: dict) -> list[dict]:
+    """The RNG state of every process, in rank order: each may draw its own numbers."""
+    if learn.world_size == 1:
+        return [rng]
+    import torch.distributed as dist
+
+    states: list = [None] * learn.world_size
+    dist.all_gather_object(states, rng)
+    return states
+
+
+def _own(learn: Learner, saved: list[dict] | dict) -> dict:
+    """This process's RNG state from :func:`_every_process` (older files hold one dict)."""
+    return saved if isinstance(saved, dict) else saved[min(learn.rank, len(saved) - 1)]
 
 
 def read_checkpoint(learn: Learner, path: str | os.PathLike, n_epoch: int,
@@ -67,7 +84,7 @@ def read_checkpoint(learn: Learner, path: str | os.PathLike, n_epoch: int,
 
     Changes nothing.
     """
-    from .learner import check_state_dict
+    from .learner import check_opt_state, check_state_dict
 
     path = check_path("resume_from", path)
     if not os.path.isfile(path):
@@ -80,6 +97,7 @@ def read_checkpoint(learn: Learner, path: str | os.PathLike, n_epoch: int,
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise ValueError(f"resume_from {path!r} is not an lrfind checkpoint")
     check_state_dict(learn.model, state["model"])
+    check_opt_state(learn.opt, state["opt"], path, state.get("opt_class"))  # older files: none
     if state["n_epoch"] != n_epoch:
         raise ValueError(f"n_epoch is {n_epoch} but the checkpoint was written by a fit of "
                          f"{state['n_epoch']} epochs: resume with the same arguments")
@@ -106,11 +124,11 @@ def apply_checkpoint(learn: Learner, state: dict[str, Any]) -> None:
         learn.resume_cbs = [s for _, s in state["callbacks"]]
     learn.epoch, learn.train_iter = state["epoch"], state["train_iter"]
     learn.resume_skip = state["batches_done"]
-    if state["batches_done"]:
-        set_rng_state(state["epoch_rng"], learn.train_dl)  # replay the epoch's batch order
-        learn.resume_rng = state["rng"]  # then continue with the RNGs as they were
+    if state["batches_done"]:  # replay the epoch's batch order, then go on from the RNGs
+        set_rng_state(_own(learn, state["epoch_rng"]), learn.train_dl)
+        learn.resume_rng = _own(learn, state["rng"])
     else:
-        set_rng_state(state["rng"], learn.train_dl)
+        set_rng_state(_own(learn, state["rng"]), learn.train_dl)
     learn.resuming = True
 
 

@@ -142,6 +142,8 @@ class Learner:
         cbs = _check_cbs(cbs)
         groups = [list(model.parameters())] if splitter is None else [list(g) for g in
                                                                        splitter(model)]
+        if splitter is None and not groups[0]:
+            raise ValueError(f"model has no parameters to train: {type(model).__name__}")
         if not groups or any(len(g) == 0 for g in groups):
             raise ValueError("splitter must return a non-empty list of non-empty parameter lists")
         lrs = None if lr is None else resolve_lrs(lr, len(groups))
@@ -505,9 +507,8 @@ class Learner:
         restarts fall on epoch boundaries and, as in torch's ``CosineAnnealingWarmRestarts``,
         no step trains at LR 0. Default cycle_mult=2 (1 allowed).
         """
-        check_int("n_cycles", n_cycles)
-        check_int("cycle_len", cycle_len)
-        check_int("cycle_mult", cycle_mult)
+        n_cycles, cycle_len = check_int("n_cycles", n_cycles), check_int("cycle_len", cycle_len)
+        cycle_mult = check_int("cycle_mult", cycle_mult)
         n_epoch = cycle_len * sum(cycle_mult**i for i in range(n_cycles))
         n = n_epoch * math.ceil(len(self.train_dl) / self.accum_steps)  # optimizer steps
 
@@ -675,10 +676,8 @@ class Learner:
             raise ValueError(f"{os.fspath(path)!r} is not a file written by Learner.save")
         check_state_dict(self.model, state["model"])
         opt_state = state.get("opt") if with_opt else None
-        if opt_state is not None and [len(g["params"]) for g in opt_state["param_groups"]] != [
-                len(g["params"]) for g in self.opt.param_groups]:
-            raise ValueError(f"{os.fspath(path)!r}: the optimizer state has other parameter "
-                             "groups than this learner's optimizer")
+        if opt_state is not None:
+            check_opt_state(self.opt, opt_state, os.fspath(path))
         self.model.load_state_dict(state["model"])
         if opt_state is not None:
             self.opt.load_state_dict(opt_state)
@@ -692,3 +691,15 @@ def check_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     if missing or unexpected or shapes:
         raise ValueError(f"checkpoint does not match the model: missing keys {missing[:5]}, "
                          f"unexpected keys {unexpected[:5]}, shape mismatches {shapes[:5]}")
+
+
+def check_opt_state(opt: torch.optim.Optimizer, state: dict, where: str,
+                    kind: str | None = None) -> None:
+    """Raise ValueError unless ``state`` has ``opt``'s parameter groups (and class ``kind``)."""
+    if kind is not None and kind != type(opt).__name__:
+        raise ValueError(f"{where!r} holds the state of the optimizer {kind}, this learner's "
+                         f"optimizer is {type(opt).__name__}")
+    sizes = [len(g["params"]) for g in state["param_groups"]]
+    if sizes != [len(g["params"]) for g in opt.param_groups]:
+        raise ValueError(f"{where!r}: the optimizer state has parameter groups of sizes {sizes}, "
+                         f"this learner's optimizer {[len(g['params']) for g in opt.param_groups]}")

@@ -16,6 +16,7 @@ import bisect
 import math
 from collections.abc import Callable, Sequence
 
+from .utils import check_int as _check_int
 from .utils import check_number as _check_number
 from .utils import check_pct as _check_pct
 from .utils import check_positive as _check_positive
@@ -137,8 +138,8 @@ def one_cycle(lr_max: float, div: float = 25.0, div_final: float = 1e5,
 def one_cycle_moms(moms: Sequence[float] = (0.95, 0.85, 0.95), pct_start: float = 0.25) -> Schedule:
     """One-cycle momentum: down while the LR warms up, back up while it decays.
 
-    Cosine ``moms[0] -> moms[1]`` over ``pct_start``, then cosine ``moms[1] -> moms[2]``.
-    Defaults: moms=(0.95, 0.85, 0.95), pct_start=0.25.
+    Cosine ``moms[0] -> moms[1]`` over ``pct_start``, then cosine ``moms[1] -> moms[2]``;
+    each momentum in [0, 1). Defaults: moms=(0.95, 0.85, 0.95), pct_start=0.25.
 
     >>> f = one_cycle_moms()
     >>> f(0), f(0.25), f(1)
@@ -147,6 +148,8 @@ def one_cycle_moms(moms: Sequence[float] = (0.95, 0.85, 0.95), pct_start: float 
     if not isinstance(moms, Sequence) or len(moms) != 3:
         raise ValueError(f"moms must be a sequence of three values, got {moms!r}")
     m0, m1, m2 = (_check_number("moms", m) for m in moms)
+    if not all(0.0 <= m < 1.0 for m in (m0, m1, m2)):  # SGD momentum or Adam's beta1
+        raise ValueError(f"moms must lie in [0, 1), got {tuple(moms)!r}")
     pct_start = _check_pct("pct_start", pct_start)
     return join([cosine(m0, m1), cosine(m1, m2)], [pct_start, 1.0 - pct_start])
 
@@ -195,8 +198,7 @@ def sgdr(lr_max: float, n_cycles: int, cycle_mult: float = 2.0, lr_min: float = 
     (1.0, 0.5, 1.0)
     """
     lr_max = _check_positive("lr_max", lr_max)
-    if isinstance(n_cycles, bool) or not isinstance(n_cycles, int) or n_cycles < 1:
-        raise ValueError(f"n_cycles must be an integer >= 1, got {n_cycles!r}")
+    n_cycles = _check_int("n_cycles", n_cycles)
     cycle_mult = _check_positive("cycle_mult", cycle_mult)
     lr_min = _check_number("lr_min", lr_min)
     lengths = [cycle_mult ** i for i in range(n_cycles)]

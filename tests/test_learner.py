@@ -783,6 +783,12 @@ BAD_LEARNERS = [
      TypeError, r"^metrics must be callables"),
     (lambda: Learner(nn.Linear(4, 1), loader(), loss_func=F.mse_loss, cbs=[object()]),
      TypeError, r"^cbs must hold Callback instances"),
+    (lambda: Learner(nn.ReLU(), loader(), loss_func=F.mse_loss), ValueError,
+     r"^model has no parameters to train: ReLU"),
+    (lambda: Learner(two_layer(), loader(), loss_func=F.mse_loss, splitter=lambda m: [[]]),
+     ValueError, r"^splitter must return a non-empty list of non-empty parameter lists"),
+    (lambda: Learner(nn.Linear(4, 1), loader(), loss_func=F.mse_loss, moms=(0.9, 1.5, 0.9)),
+     ValueError, r"^moms must lie in \[0, 1\)"),
 ]
 
 
@@ -795,7 +801,7 @@ def test_bad_learner_arguments(call, exc, match):
 @pytest.mark.parametrize(("batches", "mult"), [(1, 1), (2, 1), (4, 2)])
 def test_sgdr_restarts_on_the_first_step_of_every_cycle(batches, mult):
     learn = make(train=loader(16 * batches))
-    learn.fit_sgdr(3, 1, 0.1, cycle_mult=mult)
+    learn.fit_sgdr(np.int64(3), np.int64(1), 0.1, cycle_mult=np.int64(mult))  # numpy ints too
     lrs = learn.recorder.lrs
     starts = [batches * sum(mult**j for j in range(k)) for k in range(4)]
     assert len(lrs) == starts[-1]
@@ -815,6 +821,17 @@ def test_torch_scheduler_from_a_function_of_the_optimizer():
     learn.fit(5, lr=0.01, cbs=[TorchScheduler(chain)])
     per_epoch = learn.recorder.lrs[::4]  # 4 batches an epoch
     assert per_epoch == pytest.approx([0.001, 0.0055, 0.01, 0.0075, 0.0025])
+
+
+def test_torch_scheduler_from_a_function_that_builds_reduce_on_plateau():
+    plateau = torch.optim.lr_scheduler.ReduceLROnPlateau
+    learn = make()
+    # a huge threshold: no epoch counts as an improvement, so the LR halves after every epoch
+    learn.fit(3, lr=0.01, cbs=[TorchScheduler(lambda opt: plateau(opt, patience=0, factor=0.5,
+                                                                  threshold=10.0))])
+    assert learn.recorder.lrs[::4] == pytest.approx([0.01, 0.005, 0.0025])
+    with pytest.raises(ValueError, match="^interval must be 'epoch' for ReduceLROnPlateau"):
+        make().fit(1, cbs=[TorchScheduler(lambda opt: plateau(opt), interval="batch")])
 
 
 def test_numpy_numbers_are_numbers():

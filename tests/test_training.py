@@ -183,7 +183,17 @@ def test_resume_bad_input_changes_nothing(tmp_path):
         learn.fit_one_cycle(4, 1e-2, resume_from=tmp_path / "ck.pt")
     with pytest.raises(ValueError, match="same call"):
         learn.fit_one_cycle(3, 2e-2, resume_from=tmp_path / "ck.pt")
-    assert same(before, weights(learn))
+    # same model, another optimizer, or other parameter groups
+    sgd = make_learner(opt_func=torch.optim.SGD)
+    with pytest.raises(ValueError, match=r"holds the state of the optimizer AdamW, this "
+                                         r"learner's optimizer is SGD"):
+        sgd.fit_one_cycle(3, 1e-2, resume_from=tmp_path / "ck.pt")
+    split = make_learner(splitter=lambda m: [list(m[0].parameters()), list(m[3].parameters())])
+    split_before = weights(split)
+    with pytest.raises(ValueError, match=r"parameter groups of sizes \[4\], this learner's "
+                                         r"optimizer \[2, 2\]"):
+        split.fit_one_cycle(3, 1e-2, resume_from=tmp_path / "ck.pt")
+    assert same(before, weights(learn)) and same(split_before, weights(split))
 
 
 def test_checkpoint_every_must_be_positive():
@@ -523,9 +533,35 @@ mine = [p.detach().clone() for p in own.parameters()]
 lrfind.lr_find(own, torch.optim.SGD(own.parameters(), lr=0.1), dl, num_it=10,
                compute_loss=lambda m, b: F.cross_entropy(m(b[0]), b[1]), show_plot=False)
 own_kept = all(torch.equal(a, b) for a, b in zip(mine, own.parameters()))
+
+def dropout_learner():  # each process draws its own dropout masks, from its own seed
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Dropout(0.5), torch.nn.Linear(16, 2))
+    learn = lrfind.Learner(net, dl, compute_loss=lambda m, b: F.cross_entropy(m(b[0]), b[1]),
+                           progress=False)
+    torch.manual_seed(100 + learn.rank)
+    return learn
+
+class Stop(lrfind.Callback):
+    order = 110
+    def after_batch(self, learn):
+        if learn.train_iter == 11:
+            raise KeyboardInterrupt
+
+full = dropout_learner()
+full.fit_one_cycle(2, 1e-2)
+try:
+    dropout_learner().fit_one_cycle(2, 1e-2, cbs=[lrfind.Checkpoint(sys.argv[1] + "/ck.pt",
+                                                                    every=3), Stop()])
+except KeyboardInterrupt:
+    pass
+resumed = dropout_learner()
+resumed.fit_one_cycle(2, 1e-2, resume_from=sys.argv[1] + "/ck.pt")
+resumed_exact = all(torch.equal(a, b)
+                    for a, b in zip(full.model.parameters(), resumed.model.parameters()))
 json.dump({"sugg": res.suggestions, "n": len(res.lrs), "w": w, "seen": fit_seen,
            "losses": learn.recorder.losses, "frozen_kept": frozen_kept, "tuned": tuned,
-           "own_kept": own_kept},
+           "own_kept": own_kept, "resumed_exact": resumed_exact},
           open(os.path.join(sys.argv[1], "rank%d.json" % learn.rank), "w"))
 """
 
@@ -550,6 +586,7 @@ def test_two_processes_on_cpu(tmp_path):
     assert r0["frozen_kept"] and r1["frozen_kept"]  # freeze under DDP, then fine_tune
     assert r0["tuned"] == r1["tuned"] and r0["tuned"] != r0["w"]
     assert r0["own_kept"] and r1["own_kept"]  # standalone lr_find: each its own weights back
+    assert r0["resumed_exact"] and r1["resumed_exact"]  # each process resumes its own RNGs
 
 
 def test_a_loader_with_its_own_sampler_is_not_resharded_silently():
