@@ -13,6 +13,7 @@ import argparse
 import importlib
 import importlib.util
 import json
+import linecache
 import math
 import os
 import sys
@@ -43,6 +44,25 @@ def _suggestion(name: str, option: str) -> str:
     if name not in SUGGESTIONS:
         raise UsageError(f"{option}: unknown suggestion {name!r}; known: {', '.join(SUGGESTIONS)}")
     return name
+
+
+def _folder(path: str | None, option: str) -> Path | None:
+    """``--out``: a folder, made when missing; checked before any work is done."""
+    if path is None:
+        return None
+    for p in [Path(path), *Path(path).parents]:
+        if p.exists() and not p.is_dir():
+            raise UsageError(f"{option} {path!r}: {str(p)!r} is a file, not a folder")
+    return Path(path)
+
+
+def _file(path: str | None, option: str) -> str | None:
+    """``--save``: a file path that is not a folder, nor inside a file."""
+    if path is not None:
+        if Path(path).is_dir():
+            raise UsageError(f"{option} {path!r} is a folder: give a file path")
+        _folder(str(Path(path).parent), option)
+    return path
 
 
 def _lr(text: str) -> float | str:
@@ -197,6 +217,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     from .metrics import accuracy
 
     start, epochs, threads = time.perf_counter(), _epochs(args.epochs), torch.get_num_threads()
+    out = _folder(args.out, "--out")
     # The model is tiny: a second thread only adds synchronisation, and on a busy machine a
     # spinning thread pool made each step 15x slower. Restored for in-process callers.
     torch.set_num_threads(1)
@@ -205,7 +226,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
         learn = Learner(model, train_dl, valid_dl, loss_func=F.cross_entropy,
                         metrics=[accuracy], progress=not args.quiet)
         res = _fit(learn, epochs, "auto", 0.25, args.quiet)
-        files = _write_fit(learn, res, Path(args.out))
+        files = _write_fit(learn, res, out)
     finally:
         torch.set_num_threads(threads)
     final = learn.recorder.values[-1]
@@ -218,13 +239,13 @@ def cmd_find(args: argparse.Namespace) -> None:
     names = [_suggestion(s.strip(), "--suggest") for s in args.suggest.split(",") if s.strip()]
     if not names:
         raise UsageError("--suggest needs at least one suggestion name")
+    out = _folder(args.out, "--out")
     learn = load_learner(args.target)
     set_progress(learn, not args.quiet)
     res = learn.lr_find(start_lr=args.start_lr, end_lr=args.end_lr, num_it=args.num_it,
                         suggest_funcs=names, show_plot=False)
     _print_suggestions(res)
-    if args.out and learn.is_main:
-        out = Path(args.out)
+    if out is not None and learn.is_main:
         out.mkdir(parents=True, exist_ok=True)
         res.plot().figure.savefig(out / "lr_find.png")
         _write_json(out / "lr_find.json", _curve(res))
@@ -234,14 +255,15 @@ def cmd_find(args: argparse.Namespace) -> None:
 def cmd_fit(args: argparse.Namespace) -> None:
     epochs, lr = _epochs(args.epochs), _lr(args.lr)
     schedules.one_cycle(1.0, pct_start=args.pct_start)  # check it before any work is done
+    out, save = _folder(args.out, "--out"), _file(args.save, "--save")
     learn = load_learner(args.target)
     set_progress(learn, not args.quiet)
     res = _fit(learn, epochs, lr, args.pct_start, args.quiet)
-    if args.save:
-        learn.save(args.save)
-        print(f"saved {args.save}")
-    if args.out:
-        files = _write_fit(learn, res, Path(args.out))
+    if save:
+        learn.save(save)
+        print(f"saved {save}")
+    if out is not None:
+        files = _write_fit(learn, res, out)
         print("wrote " + ", ".join(str(p) for p in files))
 
 
@@ -277,18 +299,26 @@ def build_parser() -> argparse.ArgumentParser:
                         "the range test first")
     p.add_argument("--pct-start", type=float, default=0.25, help="default: %(default)s")
     p.add_argument("--save", metavar="PATH", help="learn.save(PATH) after training")
-    p.add_argument("--out", help="folder for loss.png, schedule.png, history.json")
+    p.add_argument("--out", help="folder for loss.png, schedule.png, history.json (and "
+                                 "lr_find.png when --lr names a suggestion)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_fit)
     return parser
 
 
 def _raised_in_lrfind(exc: BaseException) -> bool:
-    """True when the innermost frame is lrfind's own code: its argument checks, not user code."""
+    """True when a ``raise`` of lrfind's own code raised ``exc``: one of its checks.
+
+    Not when the innermost lrfind line called into C (torch, a constructor) that raised.
+    """
     tb = exc.__traceback__
     while tb is not None and tb.tb_next is not None:
         tb = tb.tb_next
-    return tb is not None and Path(tb.tb_frame.f_code.co_filename).resolve().parent == PACKAGE_DIR
+    if tb is None:
+        return False
+    path = tb.tb_frame.f_code.co_filename
+    return (Path(path).resolve().parent == PACKAGE_DIR
+            and linecache.getline(path, tb.tb_lineno).lstrip().startswith("raise "))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,6 +16,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from .utils import check_int, check_pct
+
 __all__ = ["digits", "digits_model", "load_digits"]
 
 
@@ -38,12 +40,23 @@ def _stratified_split(y: np.ndarray, valid_pct: float, seed: int) -> tuple[np.nd
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(valid))
 
 
+def _check_model_args(image: object, seed: object) -> int:
+    """Raise ValueError for a non-bool ``image`` or a seed outside [0, 2**63); return the seed."""
+    if not isinstance(image, bool):
+        raise ValueError(f"image must be a bool, got {image!r}")
+    seed = check_int("seed", seed, low=0)
+    if seed >= 2**63:
+        raise ValueError(f"seed must be below 2**63, got {seed!r}")
+    return seed
+
+
 def digits_model(image: bool = False, seed: int = 0) -> nn.Module:
     """Small digits classifier: MLP 64-128-10 (default) or, with ``image=True``, a BatchNorm CNN.
 
     Weights are drawn from ``torch.manual_seed(seed)`` inside ``fork_rng``, so the
     global RNG state is the same after the call as before it.
     """
+    seed = _check_model_args(image, seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         if not image:
@@ -71,21 +84,11 @@ def digits(
     >>> len(train_dl.dataset), len(valid_dl.dataset)
     (1438, 359)
     """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    if isinstance(valid_pct, bool) or not isinstance(valid_pct, (int, float)) or not (
-        0.0 < valid_pct < 1.0
-    ):
-        raise ValueError(f"valid_pct must be a float in (0, 1), got {valid_pct!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
-    if not isinstance(image, bool):
-        raise ValueError(f"image must be a bool, got {image!r}")
-
+    batch_size = check_int("batch_size", batch_size)
+    valid_pct = check_pct("valid_pct", valid_pct)
+    seed = _check_model_args(image, seed)
     x, y = load_digits()
-    if seed >= 2**63:
-        raise ValueError(f"seed must be below 2**63, got {seed!r}")
-    train_idx, valid_idx = _stratified_split(y, float(valid_pct), seed)
+    train_idx, valid_idx = _stratified_split(y, valid_pct, seed)
     if len(train_idx) == 0 or len(valid_idx) == 0:
         raise ValueError(f"valid_pct={valid_pct!r} leaves {len(train_idx)} training and "
                          f"{len(valid_idx)} validation images: both need some")

@@ -126,6 +126,12 @@ class Learner:
         for m in metrics:
             if not callable(m):
                 raise TypeError(f"metrics must be callables f(preds, targets), got {m!r}")
+        names = [metric_name(m) for m in metrics]
+        for i, name in enumerate(names):
+            if name in ("epoch", "train_loss", "valid_loss", "time") or name in names[:i]:
+                raise ValueError(f"metrics must have distinct names other than epoch, "
+                                 f"train_loss, valid_loss and time, got {names}: give each "
+                                 "function its own __name__")
         if metrics and compute_loss is not None:
             raise ValueError("metrics need (x, y) batches and cannot be used with compute_loss")
         schedules.one_cycle_moms(moms)  # validates moms
@@ -175,7 +181,7 @@ class Learner:
             self._wrap()
         self.train_dl, self.valid_dl = train_dl, valid_dl
         self.loss_func, self.compute_loss, self.metrics = loss_func, compute_loss, metrics
-        self.metric_names = [metric_name(m) for m in metrics]
+        self.metric_names = names
         self.splitter, self.progress = splitter, progress
         self._groups, self.train_bn = groups, train_bn
         params = [{"params": g} for g in groups]
@@ -599,6 +605,10 @@ class Learner:
                 n += bs
         if n == 0:
             raise ValueError("dl is empty: cannot validate on no batches")
+        for name, s in zip(self.metric_names, sums[1:]):
+            if isinstance(s, torch.Tensor) and s.numel() != 1:
+                raise ValueError(f"metrics: {name} must return one number per batch, got "
+                                 f"{s.numel()} values")
         return {name: float(s) / n for name, s in zip(["valid_loss", *self.metric_names], sums)}
 
     def get_preds(self, dl: Any = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -7,9 +7,13 @@ from typing import Any
 
 
 def in_notebook() -> bool:
-    """True inside a Jupyter kernel (where figures show inline)."""
+    """True inside a Jupyter kernel (where figures show inline), Colab's included.
+
+    IPython is only looked at when already imported; a kernel's shell is a
+    ``ZMQInteractiveShell`` or a subclass of it (as in Colab).
+    """
     shell = getattr(sys.modules.get("IPython"), "get_ipython", lambda: None)()
-    return shell is not None and type(shell).__name__ == "ZMQInteractiveShell"
+    return any(c.__name__ == "ZMQInteractiveShell" for c in type(shell).__mro__)
 
 
 def new_axes(ax: Any = None, ncols: int = 1) -> Any:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import numbers
 import os
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, MutableMapping
 from typing import Any
 
 import numpy as np
@@ -54,32 +55,43 @@ def check_path(name: str, value: object) -> str:
 
 
 def map_nested(obj: Any, fn: Callable[[Any], Any], kind: type = torch.Tensor) -> Any:
-    """``obj`` with ``fn`` applied to every ``kind`` nested in tuples, lists and dicts."""
+    """``obj`` with ``fn`` applied to every ``kind`` nested in tuples, lists and mappings.
+
+    A mapping keeps its type and attributes (a ``defaultdict`` its factory, a ``UserDict``
+    subclass such as a tokenizer's batch its fields): it is copied, then its values replaced.
+    """
     if isinstance(obj, kind):
         return fn(obj)
     if isinstance(obj, (list, tuple)):
         items = [map_nested(o, fn, kind) for o in obj]
         return type(obj)(*items) if hasattr(obj, "_fields") else type(obj)(items)
-    if isinstance(obj, dict):
-        return type(obj)((k, map_nested(v, fn, kind)) for k, v in obj.items())
+    if isinstance(obj, Mapping):
+        values = {k: map_nested(v, fn, kind) for k, v in obj.items()}
+        if not isinstance(obj, MutableMapping):
+            return values
+        out = copy.copy(obj)
+        out.update(values)
+        return out
     return obj
 
 
 def to_device(obj: Any, device: torch.device) -> Any:
-    """Move tensors nested in tuples, lists and dicts to ``device``; leave anything else."""
+    """Move tensors nested in tuples, lists and mappings to ``device``; leave anything else."""
     return map_nested(obj, lambda t: t.to(device, non_blocking=True))
 
 
+def _first_tensor(obj: Any) -> torch.Tensor | None:
+    if isinstance(obj, torch.Tensor):
+        return obj
+    items = obj.values() if isinstance(obj, Mapping) else obj if isinstance(
+        obj, (list, tuple)) else ()
+    return next((t for t in map(_first_tensor, items) if t is not None), None)
+
+
 def batch_size(batch: Any) -> int:
-    """Length of the first tensor found in ``batch`` (depth first), 1 if there is none."""
-    if isinstance(batch, torch.Tensor):
-        return batch.shape[0] if batch.ndim else 1
-    items = batch.values() if isinstance(batch, dict) else batch
-    if isinstance(items, (list, tuple)) or isinstance(batch, dict):
-        for o in items:
-            if isinstance(o, (torch.Tensor, list, tuple, dict)):
-                return batch_size(o)
-    return 1
+    """Length of the first tensor in ``batch`` (depth first, past any non-tensor field), else 1."""
+    t = _first_tensor(batch)
+    return 1 if t is None or t.ndim == 0 else t.shape[0]
 
 
 #: generator types a loader or sampler may draw its order from

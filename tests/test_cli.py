@@ -165,6 +165,11 @@ def test_fit_with_number(task, capsys):
     (["fit", "{task}:make", "--epochs", "1", "--lr", "nan"], "--lr must be a finite number > 0"),
     (["find", "{task}:make", "--suggest", "steep,bogus"], "unknown suggestion 'bogus'"),
     (["demo", "--epochs", "0"], "--epochs must be an integer >= 1"),
+    (["find", "{task}:make", "--out", "{task}"], "--out '{task}': '{task}' is a file, not a folder"),
+    (["find", "{task}:make", "--out", "{task}/sub"], "'{task}' is a file, not a folder"),
+    (["fit", "{task}:make", "--epochs", "1", "--lr", "steep", "--save", "{dir}"],
+     "--save '{dir}' is a folder: give a file path"),
+    (["demo", "--out", "{task}"], "--out '{task}': '{task}' is a file"),
     # lrfind's own argument checks, reported the same way
     (["find", "{task}:make", "--start-lr", "-1"], "start_lr must be > 0"),
     (["find", "{task}:make", "--num-it", "1"], "num_it must be an integer >= 2"),
@@ -191,6 +196,17 @@ def test_syntax_errors_use_argparse(task, capsys):
 def test_errors_in_user_code_keep_their_traceback(task, capsys):
     with pytest.raises(ValueError, match="user's own code"):
         main(["find", f"{task}:raises"])
+
+
+def test_only_lrfinds_own_raise_counts_as_bad_usage():
+    from lrfind.cli import _raised_in_lrfind
+    from lrfind.utils import check_int, to_device
+
+    with pytest.raises(ValueError) as own:
+        check_int("n", 0)
+    with pytest.raises(RuntimeError) as from_torch:  # raised by torch, called from lrfind
+        to_device(torch.ones(1), "no-such-device")
+    assert _raised_in_lrfind(own.value) and not _raised_in_lrfind(from_torch.value)
 
 
 def test_diverged_training_exits_1_with_one_line(task, capsys):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from lrfind.data import digits, load_digits
+from lrfind.data import digits, digits_model, load_digits
 
 
 def test_load_digits_offline_shapes_and_range():
@@ -89,9 +89,20 @@ def test_global_rng_untouched():
         ({"valid_pct": 0.001}, "valid_pct"),
         ({"valid_pct": 0.999}, "valid_pct"),
         ({"image": 1}, "image"),
+        ({"seed": 1.5}, "seed"),
     ],
 )
 def test_bad_args_raise(kwargs, name):
     value = next(iter(kwargs.values()))
     with pytest.raises(ValueError, match=rf"{name}.*{re.escape(repr(value))}"):
         digits(**kwargs)
+
+
+def test_numpy_numbers_are_accepted_and_the_model_checks_its_arguments():
+    a, _, _ = digits(batch_size=np.int64(32), valid_pct=np.float32(0.25), seed=np.int64(1))
+    b, _, _ = digits(batch_size=32, valid_pct=0.25, seed=1)
+    assert a.batch_size == 32 and len(a.dataset) == len(b.dataset)
+    with pytest.raises(ValueError, match=r"^seed must be an integer >= 0, got 1.5"):
+        digits_model(seed=1.5)
+    with pytest.raises(ValueError, match=r"^image must be a bool, got 'no'"):
+        digits_model(image="no")

@@ -4,7 +4,9 @@ import copy
 import math
 import os
 import random
+import sys
 import tempfile
+import types
 import warnings
 
 import matplotlib
@@ -698,6 +700,20 @@ def test_custom_suggestion_function():
     res = lrfind.lr_find(model, torch.optim.SGD(model.parameters(), lr=0.1), loader(),
                          loss_func=F.mse_loss, num_it=30, suggest_funcs=iter(["valley", middle]))
     assert list(res.suggestions) == ["valley", "middle"]
+
+
+@pytest.mark.parametrize(("name", "parent", "expected"), [
+    (None, None, False), ("TerminalInteractiveShell", None, False),
+    ("ZMQInteractiveShell", None, True), ("Shell", "ZMQInteractiveShell", True)])  # Colab's
+def test_in_notebook_knows_a_kernel_by_its_shell(monkeypatch, name, parent, expected):
+    from lrfind.plots import in_notebook
+
+    shell = None
+    if name is not None:
+        base = type(parent, (), {}) if parent else object
+        shell = type(name, (base,), {})()
+    monkeypatch.setitem(sys.modules, "IPython", types.SimpleNamespace(get_ipython=lambda: shell))
+    assert in_notebook() is expected
 
 
 def test_plot_headless_one_marker_per_suggestion():

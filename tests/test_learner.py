@@ -1,10 +1,13 @@
 """The Learner: training, schedules applied per optimizer step, callbacks, state, bad inputs."""
 
+import collections
 import copy
 import math
 import os
 import subprocess
 import sys
+import time
+import types
 import warnings
 from itertools import pairwise
 
@@ -32,6 +35,7 @@ from lrfind import (
     schedules,
 )
 from lrfind.learner import resolve_lrs
+from lrfind.utils import map_nested
 
 matplotlib.use("Agg")
 
@@ -518,6 +522,44 @@ def test_dict_batches_via_compute_loss():
         make(train=dl, valid=None).fit(1)
 
 
+def test_dict_batches_with_a_text_field_first_and_a_defaultdict_collate():
+    """validate weighs each batch by its size, found past the text field."""
+    x, y = data()
+
+    def collate(rows):
+        out = collections.defaultdict(list)
+        out["id"] = [f"row{i}" for i, _, _ in rows]
+        out["inputs"] = torch.stack([r[1] for r in rows])
+        out["target"] = torch.stack([r[2] for r in rows])
+        return out
+
+    dl = DataLoader([(i, x[i], y[i]) for i in range(64)], batch_size=24, collate_fn=collate)
+    learn = make(train=dl, valid=dl, loss_func=None, compute_loss=dict_loss)
+    learn.fit(1, lr=0.1)  # a defaultdict batch moves to the device like a dict
+    with torch.no_grad():
+        full = dict_loss(learn.model, {"inputs": x, "target": y})
+    assert learn.validate()["valid_loss"] == pytest.approx(full.item(), rel=1e-5)
+
+
+def test_map_nested_keeps_each_containers_type():
+    class Encoding(collections.UserDict):  # like a tokenizer's batch: a mapping with fields
+        def __init__(self, data, n):
+            super().__init__(data)
+            self.n = n
+
+    Pair = collections.namedtuple("Pair", "a b")
+    t = torch.ones(2)
+    obj = [Encoding({"ids": t}, n=3), Pair(t, "s"), collections.defaultdict(int, k=t),
+           types.MappingProxyType({"k": t}), (t,)]
+    out = map_nested(obj, lambda v: v * 2)
+    assert isinstance(out[0], Encoding) and out[0].n == 3 and out[0]["ids"].tolist() == [2, 2]
+    assert isinstance(out[1], Pair) and out[1].b == "s" and out[1].a.tolist() == [2, 2]
+    assert out[2].default_factory is int and out[2]["k"].tolist() == [2, 2]
+    assert out[3] == {"k": out[3]["k"]} and out[3]["k"].tolist() == [2, 2]
+    assert isinstance(out[4], tuple) and out[4][0].tolist() == [2, 2]
+    assert obj[0]["ids"] is t  # the input is left as it was
+
+
 def mae(preds, targets):
     return (preds - targets).abs().mean()
 
@@ -783,6 +825,12 @@ BAD_LEARNERS = [
      TypeError, r"^metrics must be callables"),
     (lambda: Learner(nn.Linear(4, 1), loader(), loss_func=F.mse_loss, cbs=[object()]),
      TypeError, r"^cbs must hold Callback instances"),
+    (lambda: Learner(nn.Linear(4, 1), loader(), loss_func=F.mse_loss,
+                     metrics=[lambda p, t: 0.0, lambda p, t: 1.0]), ValueError,
+     r"^metrics must have distinct names .*, got \['<lambda>', '<lambda>'\]"),
+    (lambda: Learner(nn.Linear(4, 1), loader(), loss_func=F.mse_loss, metrics=[time.time]),
+     ValueError, r"^metrics must have distinct names other than epoch, train_loss, valid_loss "
+                 r"and time, got \['time'\]"),
     (lambda: Learner(nn.ReLU(), loader(), loss_func=F.mse_loss), ValueError,
      r"^model has no parameters to train: ReLU"),
     (lambda: Learner(two_layer(), loader(), loss_func=F.mse_loss, splitter=lambda m: [[]]),
