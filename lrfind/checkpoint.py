@@ -47,6 +47,7 @@ def training_state(learn: Learner, mid_epoch: bool) -> dict[str, Any]:
         "model": learn.model.state_dict(),
         "opt": learn.opt.state_dict(),
         "opt_class": type(learn.opt).__name__,
+        "trainable": [p.requires_grad for p in learn.model.parameters()],
         "scaler": None if learn.scaler is None else learn.scaler.state_dict(),
         "recorder": learn.recorder.state_dict(),
         "callbacks": [(describe(cb), cb.state_dict())
@@ -78,15 +79,8 @@ def _own(learn: Learner, saved: list[dict] | dict) -> dict:
     return saved if isinstance(saved, dict) else saved[min(learn.rank, len(saved) - 1)]
 
 
-def read_checkpoint(learn: Learner, path: str | os.PathLike, n_epoch: int,
-                    cbs: list[Callback]) -> dict[str, Any]:
-    """Load and check a checkpoint against ``learn``, ``n_epoch`` and the fit's ``cbs``.
-
-    Changes nothing.
-    """
-    from .learner import check_opt_state, check_state_dict
-
-    path = check_path("resume_from", path)
+def load_checkpoint(path: str) -> dict[str, Any]:
+    """The checkpoint at ``path``; FileNotFoundError or ValueError if there is none."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"resume_from {path!r} does not exist")
     try:
@@ -96,7 +90,25 @@ def read_checkpoint(learn: Learner, path: str | os.PathLike, n_epoch: int,
                          f"({type(e).__name__})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise ValueError(f"resume_from {path!r} is not an lrfind checkpoint")
+    return state
+
+
+def read_checkpoint(learn: Learner, path: str | os.PathLike, n_epoch: int,
+                    cbs: list[Callback]) -> dict[str, Any]:
+    """Load and check a checkpoint against ``learn``, ``n_epoch`` and the fit's ``cbs``.
+
+    Changes nothing.
+    """
+    from .learner import check_opt_state, check_state_dict
+
+    path = check_path("resume_from", path)
+    state = load_checkpoint(path)
     check_state_dict(learn.model, state["model"])
+    trainable = [p.requires_grad for p in learn.model.parameters()]
+    if state.get("trainable", trainable) != trainable:  # older files: not recorded
+        raise ValueError(f"resume_from {path!r} was written with {sum(state['trainable'])} of "
+                         f"{len(trainable)} parameter tensors trainable, this learner has "
+                         f"{sum(trainable)}: freeze as before resuming")
     check_opt_state(learn.opt, state["opt"], path, state.get("opt_class"))  # older files: none
     if state["n_epoch"] != n_epoch:
         raise ValueError(f"n_epoch is {n_epoch} but the checkpoint was written by a fit of "

@@ -32,6 +32,7 @@ from .utils import (
     batch_size,
     check_int,
     check_number,
+    check_path,
     check_positive,
     get_rng_state,
     set_rng_state,
@@ -542,7 +543,8 @@ class Learner:
 
     def fine_tune(self, epochs: int, base_lr: float = 2e-3, freeze_epochs: int = 1,
                   lr_mult: float = 100, pct_start: float = 0.3, div: float = 5.0,
-                  wd: float | None = None, cbs: Sequence[Callback] | None = None) -> None:
+                  wd: float | None = None, cbs: Sequence[Callback] | None = None,
+                  resume_from: str | os.PathLike | None = None) -> None:
         """Fine-tune a pretrained model: the head first, then everything.
 
         First the last group (and, with ``train_bn``, every normalisation layer) for
@@ -550,6 +552,9 @@ class Learner:
         groups for ``epochs`` with one-cycle at ``slice(base_lr/2/lr_mult, base_lr/2)``,
         ``pct_start`` and ``div``. ``wd`` and ``cbs`` go to both fits. Defaults: base_lr=2e-3,
         freeze_epochs=1, lr_mult=100, pct_start=0.3, div=5.
+
+        ``resume_from``: a :class:`Checkpoint` file of an interrupted ``fine_tune`` with the
+        same arguments; it resumes in the phase that wrote it (told by what was frozen).
         """
         check_int("epochs", epochs)
         check_int("freeze_epochs", freeze_epochs, low=0)
@@ -559,13 +564,21 @@ class Learner:
         if wd is not None and check_number("wd", wd) < 0:
             raise ValueError(f"wd must be >= 0, got {wd!r}")
         cbs = self._new_cbs(cbs)  # before freeze changes anything
-        if freeze_epochs:
+        first = resume_from is None
+        if not first:  # the file is checked before anything changes
+            from .checkpoint import load_checkpoint
+
+            state = load_checkpoint(check_path("resume_from", resume_from))
+            first = state["sched"]["lrs"][-1] == base_lr  # the second phase's is base_lr / 2
+        if freeze_epochs and first:
             self.freeze()
-            self.fit_one_cycle(freeze_epochs, slice(base_lr), pct_start=0.99, wd=wd, cbs=cbs)
+            self.fit_one_cycle(freeze_epochs, slice(base_lr), pct_start=0.99, wd=wd, cbs=cbs,
+                               resume_from=resume_from)
+            resume_from = None  # the second phase starts afresh
         base_lr /= 2
         self.unfreeze()
         self.fit_one_cycle(epochs, slice(base_lr / lr_mult, base_lr), pct_start=pct_start, div=div,
-                           wd=wd, cbs=cbs)
+                           wd=wd, cbs=cbs, resume_from=resume_from)
 
     def lr_find(self, **kwargs: Any) -> Any:
         """LR range test on this learner; see :func:`lrfind.finder.lr_find` for the arguments."""

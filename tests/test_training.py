@@ -335,6 +335,40 @@ def test_a_step_checkpoint_holds_what_callbacks_did_after_the_batch(tmp_path, ac
     assert same(weights(full), weights(resumed))
 
 
+class StopAfterEpochs(Callback):
+    """KeyboardInterrupt after the n-th epoch end, counted across fits (after checkpoints)."""
+
+    order = 110
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def after_epoch(self, learn: lrfind.Learner) -> None:
+        self.n -= 1
+        if self.n == 0:
+            raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("stop", [1, 3])  # in the frozen phase; in the second phase
+def test_fine_tune_resumes_in_the_phase_that_wrote_the_checkpoint(tmp_path, stop):
+    def split(m):
+        return [list(m[0].parameters()), list(m[3].parameters())]
+
+    full = make_learner(splitter=split)
+    full.fine_tune(2, freeze_epochs=2)
+    cut, path = make_learner(splitter=split), tmp_path / "ck.pt"
+    with pytest.raises(KeyboardInterrupt):
+        cut.fine_tune(2, freeze_epochs=2, cbs=[Checkpoint(path), StopAfterEpochs(stop)])
+    resumed = make_learner(splitter=split)
+    resumed.fine_tune(2, freeze_epochs=2, resume_from=path)
+    assert same(weights(full), weights(resumed))
+    assert resumed.recorder.lrs == full.recorder.lrs  # the second phase's
+    if stop == 1:  # a frozen-phase checkpoint does not resume into an unfrozen learner
+        with pytest.raises(ValueError, match=r"was written with 2 of 4 parameter tensors "
+                                             r"trainable, this learner has 4: freeze as before"):
+            make_learner(splitter=split).fit_one_cycle(2, 2e-3, resume_from=path)
+
+
 def test_a_resume_that_fails_early_does_not_leak_into_the_next_fit(tmp_path):
     cut = make_learner()
     with pytest.raises(KeyboardInterrupt):
