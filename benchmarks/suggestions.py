@@ -36,9 +36,15 @@ import lrfind  # noqa: E402
 METHODS = ("minimum", "steep", "valley", "slide", "auto")
 
 
-def find(task: str, seed: int, num_it: int = 100) -> dict[str, float | None]:
-    """Range test of ``num_it`` steps on a fresh ``task(seed)``; every suggestion by name."""
+def find(task: str, seed: int, num_it: int = 100,
+         data_seed: int | None = None) -> dict[str, float | None]:
+    """Range test of ``num_it`` steps on a fresh ``task(seed)``; every suggestion by name.
+
+    With ``data_seed``, the model comes from ``seed`` and the loaders from ``data_seed``.
+    """
     model, train_dl, valid_dl, loss_func = TASKS[task](seed)
+    if data_seed is not None:
+        _, train_dl, valid_dl, _ = TASKS[task](data_seed)
     learn = lrfind.Learner(model, train_dl, valid_dl, loss_func=loss_func, progress=False)
     return learn.lr_find(num_it=num_it, suggest_funcs=METHODS, show_plot=False).suggestions
 
@@ -147,19 +153,27 @@ def study(quick: bool, extra: dict[str, Method] | None = None, num_it: int = 100
     return table(tasks, list(methods), scores, best)
 
 
+VARY = ("both", "init", "order")  # what a seed sets in ``spread``
+
+
 def spread(tasks: list[str], num_it: int, n_seeds: int,
-           methods: tuple[str, ...] = ("minimum", "steep", "auto")) -> list[str]:
+           methods: tuple[str, ...] = ("minimum", "steep", "auto"), vary: str = "both"
+           ) -> list[str]:
     """Markdown: std of log10(suggestion) over ``n_seeds`` range-test seeds per task and method.
 
     A cell is "std over all seeds (lowest-highest std over disjoint groups of 5 seeds)": the
     study's 5-seed std is one draw from that range, and the all-seed std is what it estimates.
+    ``vary`` says what the seed sets: "both" (model init and data, as in the study), "init"
+    (the model only; data of seed 0) or "order" (the data only: shuffle order, and the split
+    for digits; model of seed 0).
     """
     lines = ["| method | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
     logs: dict = {}
     for task in tasks:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            runs = [find(task, s, num_it) for s in range(n_seeds)]
+            runs = [find(task, 0 if vary == "order" else s, num_it,
+                         {"both": None, "init": 0, "order": s}[vary]) for s in range(n_seeds)]
         for m in methods:
             values = [r[m] for r in runs]
             ok = all(v is not None and v > 0 and math.isfinite(v) for v in values)
@@ -184,11 +198,14 @@ def main() -> None:
     parser.add_argument("--num-it", type=int, default=100, help="range-test length")
     parser.add_argument("--spread", type=int, metavar="N",
                         help="instead of the study: the spread of minimum/steep/auto over N seeds")
+    parser.add_argument("--vary", choices=VARY, default="both",
+                        help="with --spread, what a seed sets: model init and data (default), "
+                             "the init only or the data only")
     args = parser.parse_args()
     torch.set_num_threads(1)
     if args.spread is not None and args.spread < 5:
         parser.error(f"--spread needs at least 5 seeds, got {args.spread}")
-    lines = (spread(args.tasks, args.num_it, args.spread) if args.spread
+    lines = (spread(args.tasks, args.num_it, args.spread, vary=args.vary) if args.spread
              else study(args.quick, num_it=args.num_it, tasks=args.tasks))
     print("\n".join(lines))
 

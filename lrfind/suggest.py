@@ -110,12 +110,20 @@ def _descent(fit: np.ndarray) -> tuple[int, int, float]:
     The minimum ``i`` is the bottom of the largest drop: the point furthest below the
     highest point before it, ``p``. On a clean curve that is the lowest point; it differs
     when noise in the first few points (the moving average has seen few batches there)
-    dips below the real minimum, since nothing fell to that dip. The start level is the
-    median of the first third of ``p..i`` (at least 5 points, none past ``i``), and the
-    descent starts at ``j``, the last point at or above that level before the minimum.
+    dips below the real minimum, since nothing fell to that dip. A drop whose bottom is
+    higher than a point between the first tenth of the curve and its peak is a fall after
+    the blow-up (the loss can come down from a peak just under the divergence threshold):
+    then the curve is read only up to that peak. The start level is the median of the
+    first third of ``p..i`` (at least 5 points, none past ``i``), and the descent starts at
+    ``j``, the last point at or above that level before the minimum.
     """
-    i = int(np.argmax(np.maximum.accumulate(fit) - fit))
-    p = int(np.argmax(fit[: i + 1]))
+    warm = max(5, len(fit) // 10)
+    while True:
+        i = int(np.argmax(np.maximum.accumulate(fit) - fit))
+        p = int(np.argmax(fit[: i + 1]))
+        if p <= warm or fit[i] <= fit[warm:p].min():
+            break
+        fit = fit[:p]  # a prefix: indices stay those of the whole curve
     level = float(np.median(fit[p : min(i + 1, p + max(5, (i - p) // 3))]))
     above = np.flatnonzero(fit[: i + 1] >= level)
     return (int(above[-1]) if len(above) else 0), i, level

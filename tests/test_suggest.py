@@ -126,6 +126,18 @@ def test_a_low_first_point_is_not_the_minimum(name):
                                                               abs=0.1)
 
 
+@pytest.mark.parametrize("name", ["minimum", "steep", "auto"])
+def test_a_fall_after_the_blow_up_is_not_the_descent(name):
+    # the loss blows up to just under the divergence threshold, then comes part of the way
+    # down again, by more than the real descent fell: the sweep ran to its end
+    blown = DROP + 3.0 * np.exp(-8 * (X + 0.5) ** 2) * (X > -0.5) + 2.0 * (X > -0.5)
+    drop = DROP.max() - DROP.min()
+    assert blown.max() - blown[-1] > drop  # the fall is the larger one
+    cut = X <= -0.5  # the curve of a sweep that stopped at the blow-up
+    assert _log(SUGGESTIONS[name](LRS, blown)) == pytest.approx(
+        _log(SUGGESTIONS[name](LRS[cut], DROP[cut])), abs=0.15)  # was up to 1.5 decades off
+
+
 def test_minimum_of_an_early_bowl():
     # the run diverged soon after its minimum, which sits in the first fifth of the curve
     x = np.linspace(-5, 0, 51)
