@@ -210,6 +210,8 @@ class TorchScheduler(Callback):
         self.restarts = isinstance(self.sched, lr_scheduler.CosineAnnealingWarmRestarts)
         if self.plateau and self.interval == "batch":
             raise ValueError("interval must be 'epoch' for ReduceLROnPlateau, got 'batch'")
+        if self.plateau:
+            learn.check_monitor(self._monitor)
 
     def state_dict(self) -> dict[str, Any]:
         """The scheduler's state and the hyper-parameters of every group it drives."""

@@ -173,16 +173,18 @@ class Checkpoint(Callback):
         if learn.is_main:
             atomic_save(state, self.path)
 
-    def before_batch(self, learn: Learner) -> None:
-        self.steps = learn.train_iter
+    def before_fit(self, learn: Learner) -> None:
+        self.saved = learn.train_iter  # steps done at the last save (or at the resume)
 
     def after_batch(self, learn: Learner) -> None:
-        # After the batch of every N-th step, once every callback is done with it. Always
+        # After the batch of every N-th step, once the callbacks before this one are done
+        # with it; on the next batch when a callback cancelled the rest of that one. Always
         # "mid-epoch", also after an epoch's last step: validation and after_epoch have not
         # run yet, so a resume replays the epoch's end from here.
         n = learn.train_iter
-        if self.every != "epoch" and n > self.steps and n % self.every == 0:
+        if self.every != "epoch" and n // self.every > self.saved // self.every:
             self._save(learn, mid_epoch=True)
+            self.saved = n
 
     def after_epoch(self, learn: Learner) -> None:
         if self.every == "epoch":

@@ -57,6 +57,25 @@ def _load(obj: Any) -> Any:
     return map_nested(obj, lambda s: s.value.to(s.device, copy=True), _Saved)
 
 
+def _put_back(current: dict, saved: dict, keep: tuple[str, ...] = ()) -> None:
+    """Make ``current`` hold ``saved`` (from :func:`_save`) again, tensors copied in place.
+
+    A tensor of the same shape, dtype and device is overwritten, so whatever holds it (a
+    ``state_dict()`` taken before, a compiled step) sees the old values again; any other
+    value is replaced. Keys not in ``saved`` go, except those in ``keep``.
+    """
+    for k in [k for k in current if k not in saved and k not in keep]:
+        del current[k]
+    for k, v in saved.items():
+        t = current.get(k)
+        if (isinstance(v, _Saved) and isinstance(t, torch.Tensor) and t.device == v.device
+                and t.dtype == v.value.dtype and t.shape == v.value.shape):
+            with torch.no_grad():
+                t.copy_(v.value)
+        else:
+            current[k] = _load(v)
+
+
 @contextlib.contextmanager
 def preserved(learn: Learner, cbs: Sequence[Callback] = ()) -> Iterator[None]:
     """Snapshot everything a range test touches, on the CPU, and restore it bitwise on exit.
@@ -112,12 +131,11 @@ def preserved(learn: Learner, cbs: Sequence[Callback] = ()) -> Iterator[None]:
         for m, mode in modes:
             m.training = mode
         for g, hyper in zip(opt.param_groups, groups):
-            params = g["params"]
-            g.clear()
-            g["params"] = params
-            g.update(_load(hyper))
-        opt.state.clear()
-        opt.state.update({p: _load(s) for p, s in opt_state.items()})
+            _put_back(g, hyper, keep=("params",))
+        for p in [p for p in opt.state if p not in opt_state]:  # state the sweep created
+            del opt.state[p]
+        for p, s in opt_state.items():
+            _put_back(opt.state[p], s)
         learn.scaler = scaler
         if scaler is not None:
             scaler.load_state_dict(_load(scaler_state))
@@ -205,10 +223,15 @@ class RangeTest(Callback):
         self.stop_reason = "num_it reached"
 
     def before_fit(self, learn: Learner) -> None:
-        groups = learn.opt.param_groups
-        last = groups[-1]["lr"]
-        # Groups keep their ratios to the last group, which follows the grid.
-        self.ratios = [g["lr"] / last if last > 0 else 1.0 for g in groups]
+        # Groups keep their ratios to the last group, which follows the grid. A schedule
+        # that ended at LR 0 left no ratios: then they are those of the learner's lr.
+        lrs = [float(g["lr"]) for g in learn.opt.param_groups]
+        if not lrs[-1] > 0:
+            try:
+                lrs = learn._lrs(None)
+            except ValueError:  # no positive LR anywhere: all groups alike
+                lrs = [1.0] * len(lrs)
+        self.ratios = [lr / lrs[-1] for lr in lrs]
         self.avg, self.best = 0.0, math.inf
         self.bar = None
         if learn.progress and learn.is_main:
@@ -217,7 +240,7 @@ class RangeTest(Callback):
             self.bar = tqdm(total=len(self.grid), desc="lr_find", leave=False)
 
     def before_train(self, learn: Learner) -> None:
-        self.fed = self.stepping = False
+        self.fed = False
 
     def before_batch(self, learn: Learner) -> None:
         self.fed = True
@@ -232,21 +255,9 @@ class RangeTest(Callback):
         lr = self.grid[learn.train_iter]
         for g, r in zip(learn.opt.param_groups, self.ratios):
             g["lr"] = lr * r
-        self.stepping = True
-
-    def after_batch(self, learn: Learner) -> None:
-        if self.stepping:  # the step was skipped (fp16 overflow): stop if the loss overflowed
-            self.stepping = False
-            loss = learn.reduce_loss(learn.step_loss).item()
-            if not math.isfinite(loss):
-                self._record(learn, loss)
 
     def after_step(self, learn: Learner) -> None:
-        self.stepping = False
-        self._record(learn, learn.reduce_loss(learn.step_loss).item())  # one host sync a step
-
-    def _record(self, learn: Learner, loss: float) -> None:
-        """Record the loss of step ``learn.train_iter``; stop the sweep when it is done."""
+        loss = learn.reduce_loss(learn.step_loss).item()  # the one host sync per step
         k = learn.train_iter
         self.lrs.append(self.grid[k])
         self.raw.append(loss)

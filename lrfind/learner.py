@@ -357,8 +357,10 @@ class Learner:
                 scale = self.scaler.get_scale()  # a host sync, needed to see a skipped step
                 self.scaler.step(self.opt)
                 self.scaler.update()
-                if self.scaler.get_scale() < scale:
-                    raise CancelStepException  # overflow: the step was skipped
+                # an overflow in the gradients skipped the step; a non-finite loss goes on to
+                # after_step, where the recorder and the range test stop on it as in fp32
+                if self.scaler.get_scale() < scale and torch.isfinite(self.step_loss):
+                    raise CancelStepException
             stepped = True
             self._event("after_step")
         except CancelStepException:
@@ -564,21 +566,28 @@ class Learner:
         if wd is not None and check_number("wd", wd) < 0:
             raise ValueError(f"wd must be >= 0, got {wd!r}")
         cbs = self._new_cbs(cbs)  # before freeze changes anything
+        n = len(self.opt.param_groups)
+        phases = [(freeze_epochs, resolve_lrs(slice(base_lr), n)),
+                  (epochs, resolve_lrs(slice(base_lr / 2 / lr_mult, base_lr / 2), n))]
         first = resume_from is None
-        if not first:  # the file is checked before anything changes
+        if not first:  # which phase wrote it, told before anything changes
             from .checkpoint import load_checkpoint
 
             state = load_checkpoint(check_path("resume_from", resume_from))
-            first = state["sched"]["lrs"][-1] == base_lr  # the second phase's is base_lr / 2
+            written = (state["n_epoch"], state["sched"].get("lrs"))
+            if written not in phases[not freeze_epochs:]:
+                raise ValueError(f"resume_from {os.fspath(resume_from)!r} was written by a fit of "
+                                 f"{written[0]} epochs at lrs {written[1]}, not by a phase of "
+                                 f"this fine_tune: resume with the same arguments")
+            first = written == phases[0]
         if freeze_epochs and first:
             self.freeze()
-            self.fit_one_cycle(freeze_epochs, slice(base_lr), pct_start=0.99, wd=wd, cbs=cbs,
+            self.fit_one_cycle(freeze_epochs, phases[0][1], pct_start=0.99, wd=wd, cbs=cbs,
                                resume_from=resume_from)
             resume_from = None  # the second phase starts afresh
-        base_lr /= 2
         self.unfreeze()
-        self.fit_one_cycle(epochs, slice(base_lr / lr_mult, base_lr), pct_start=pct_start, div=div,
-                           wd=wd, cbs=cbs, resume_from=resume_from)
+        self.fit_one_cycle(epochs, phases[1][1], pct_start=pct_start, div=div, wd=wd, cbs=cbs,
+                           resume_from=resume_from)
 
     def lr_find(self, **kwargs: Any) -> Any:
         """LR range test on this learner; see :func:`lrfind.finder.lr_find` for the arguments."""

@@ -27,6 +27,7 @@ def error_rate(preds: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 def metric_name(metric: Callable[..., Any]) -> str:
-    """The name a metric is reported under: its ``__name__``, or its class's."""
-    func = getattr(metric, "func", metric)  # functools.partial
+    """The name a metric is reported under: its ``__name__``, a partial's function's, or its
+    class's."""
+    func = metric if hasattr(metric, "__name__") else getattr(metric, "func", metric)
     return getattr(func, "__name__", type(func).__name__)

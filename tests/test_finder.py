@@ -397,6 +397,16 @@ def test_a_custom_samplers_generator_is_restored(make_gen):
     assert a.recorder.losses == b.recorder.losses
 
 
+def test_optimizer_state_tensors_are_restored_in_place():
+    learn, _ = prepared_learner()
+    before = learn.opt.state_dict()  # holds the state tensors themselves, not copies
+    copied = copy.deepcopy(before)
+    tensors = {id(t) for s in learn.opt.state.values() for t in s.values()}
+    learn.lr_find(num_it=10)
+    assert {id(t) for s in learn.opt.state.values() for t in s.values()} == tensors
+    assert same(before, copied)  # a state_dict taken before still reads as before
+
+
 def test_two_runs_in_a_row_give_identical_curves():
     learn, _ = prepared_learner()
     r1 = learn.lr_find(num_it=25)
@@ -417,6 +427,18 @@ def test_parameter_groups_keep_their_ratios():
         assert lr1 == lr  # the last group follows the grid
         assert lr0 / lr1 == pytest.approx(0.1, rel=1e-12)
     assert [g["lr"] for g in learn.opt.param_groups] == [1e-3, 1e-2]
+
+
+def test_groups_keep_the_learners_ratios_after_a_schedule_that_ended_at_zero():
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+    learn = make(model, opt_func=spy_sgd, lr=[1e-3, 1e-2],
+                 splitter=lambda m: [list(m[0].parameters()), list(m[2].parameters())])
+    cosine = torch.optim.lr_scheduler.CosineAnnealingLR
+    learn.fit(1, cbs=[lrfind.TorchScheduler(cosine, T_max=1)])
+    assert [g["lr"] for g in learn.opt.param_groups] == [0.0, 0.0]
+    learn.opt.seen.clear()
+    learn.lr_find(num_it=10, stop_div=False)
+    assert all(lr0 / lr1 == pytest.approx(0.1) for lr0, lr1 in learn.opt.seen)
 
 
 def test_standalone_lr_find_restores_model_and_optimizer():

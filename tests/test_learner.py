@@ -2,6 +2,7 @@
 
 import collections
 import copy
+import functools
 import math
 import os
 import subprocess
@@ -35,6 +36,7 @@ from lrfind import (
     schedules,
 )
 from lrfind.learner import resolve_lrs
+from lrfind.metrics import metric_name
 from lrfind.utils import map_nested
 
 matplotlib.use("Agg")
@@ -880,6 +882,15 @@ def test_torch_scheduler_from_a_function_that_builds_reduce_on_plateau():
     assert learn.recorder.lrs[::4] == pytest.approx([0.01, 0.005, 0.0025])
     with pytest.raises(ValueError, match="^interval must be 'epoch' for ReduceLROnPlateau"):
         make().fit(1, cbs=[TorchScheduler(lambda opt: plateau(opt), interval="batch")])
+    with pytest.raises(ValueError, match="^monitor must be one of"):  # never silently idle
+        make().fit(1, cbs=[TorchScheduler(lambda opt: plateau(opt), monitor="valid_los")])
+
+
+def test_a_partial_metric_is_named_by_its_own_name_first():
+    acc = functools.partial(accuracy)
+    assert metric_name(acc) == "accuracy"
+    acc.__name__ = "acc1"
+    assert metric_name(acc) == "acc1"
 
 
 def test_numpy_numbers_are_numbers():

@@ -363,10 +363,42 @@ def test_fine_tune_resumes_in_the_phase_that_wrote_the_checkpoint(tmp_path, stop
     resumed.fine_tune(2, freeze_epochs=2, resume_from=path)
     assert same(weights(full), weights(resumed))
     assert resumed.recorder.lrs == full.recorder.lrs  # the second phase's
+    other = make_learner(splitter=split)
+    other_phase = {"freeze_epochs": 3} if stop == 1 else {"freeze_epochs": 2, "lr_mult": 10}
+    for kwargs in (other_phase, {"freeze_epochs": 2, "base_lr": 1e-3}):
+        with pytest.raises(ValueError, match=r"was written by a fit of \d epochs at lrs "
+                                             r".*, not by a phase of this fine_tune"):
+            other.fine_tune(2, resume_from=path, **kwargs)
+        assert all(p.requires_grad for p in other.model.parameters())  # nothing changed
     if stop == 1:  # a frozen-phase checkpoint does not resume into an unfrozen learner
         with pytest.raises(ValueError, match=r"was written with 2 of 4 parameter tensors "
                                              r"trainable, this learner has 4: freeze as before"):
             make_learner(splitter=split).fit_one_cycle(2, 2e-3, resume_from=path)
+
+
+class CancelAfterStep(Callback):
+    """Cancels the rest of the batch of one optimizer step (the step itself counts)."""
+
+    order = 90
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def after_step(self, learn: lrfind.Learner) -> None:
+        if learn.train_iter == self.step:
+            raise lrfind.CancelBatchException
+
+
+def test_a_step_checkpoint_cut_short_is_written_on_the_next_batch(tmp_path):
+    full = make_learner()
+    full.fit(2, 1e-2, cbs=[CancelAfterStep(1)])
+    cut, path = make_learner(), tmp_path / "ck.pt"
+    with pytest.raises(KeyboardInterrupt):  # after step 2's batch was cut short, and step 3
+        cut.fit(2, 1e-2, cbs=[CancelAfterStep(1), Checkpoint(path, every=2), StopAt(step=2)])
+    assert torch.load(path, weights_only=False)["train_iter"] == 3
+    resumed = make_learner()
+    resumed.fit(2, 1e-2, cbs=[CancelAfterStep(1)], resume_from=path)
+    assert same(weights(full), weights(resumed))
 
 
 def test_a_resume_that_fails_early_does_not_leak_into_the_next_fit(tmp_path):
@@ -503,6 +535,17 @@ def test_fp16_overflow_skips_step_without_advancing_schedule():
     assert rec.lrs == pytest.approx(expected, rel=1e-12)
     res = make_learner(precision="fp16").lr_find(num_it=20, stop_div=False, show_plot=False)
     assert len(res.lrs) <= 20
+
+
+def test_fp16_stops_at_a_non_finite_loss_as_fp32_does():
+    class NaNLoss(Callback):
+        def after_loss(self, learn):
+            if learn.iter == 3:
+                learn.loss = learn.loss_grad = learn.loss * float("nan")
+
+    for precision in ("32", "fp16"):
+        with pytest.raises(FloatingPointError, match="non-finite training loss nan at epoch 0"):
+            make_learner(precision=precision).fit(1, 1e-2, cbs=[NaNLoss()])
 
 
 def test_fit_after_a_fit_interrupted_inside_an_fp16_step():
