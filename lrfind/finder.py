@@ -13,6 +13,7 @@ import copy
 import itertools
 import math
 import os
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
@@ -325,6 +326,10 @@ def learner_lr_find(learn: Learner, start_lr: float = 1e-7, end_lr: float = 10.0
                     show_plot: bool = True) -> LRFindResult:
     """Run the LR range test on ``learn``; see :func:`lr_find`."""
     funcs = _check_args(start_lr, end_lr, num_it, stop_div, div_th, beta, mode, suggest_funcs)
+    if mode == "linear" and end_lr > 100 * start_lr:
+        warnings.warn(f"mode='linear' from {start_lr:g} to {end_lr:g} spends nine tenths of the "
+                      "sweep in its top decade, and the suggestions skip the first tenth: use "
+                      "mode='exp' for more than two decades", stacklevel=3)
     if mode == "exp":
         grid = [start_lr * (end_lr / start_lr) ** (k / (num_it - 1)) for k in range(num_it)]
     else:

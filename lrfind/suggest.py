@@ -53,10 +53,21 @@ def suggestion_input(
     return lrs[start : n - end], losses[start : n - end]
 
 
-def _prepare(lrs: np.ndarray, losses: np.ndarray, need: int, name: str, stacklevel: int = 3):
+def _warm(n: int) -> int:
+    """How many first points of an ``n``-point curve are too noisy to start or end a drop."""
+    return max(5, n // 10)
+
+
+def _prepare(lrs: np.ndarray, losses: np.ndarray, need: int, name: str, stacklevel: int = 3,
+             to_blow_up: bool = False):
     """Finite float arrays (cut at the first non-finite value or lr <= 0), or None + a warning.
 
-    ``stacklevel`` points the warning at the caller of the suggestion function.
+    ``to_blow_up`` also cuts where the loss first passes both 4x its lowest value so far
+    (the range test's divergence rule with the default ``div_th``; the first tenth of the
+    points aside) and every value before it: the blow-up of a run that went on past it
+    (``stop_div=False``), where the loss can reach 1e30 and swamp the fits of the curve
+    before it; nothing there is a minimum or a descent. ``stacklevel`` points the warning
+    at the caller of the suggestion function.
     """
     lrs = np.asarray(lrs, dtype=float).ravel()
     losses = np.asarray(losses, dtype=float).ravel()
@@ -64,6 +75,13 @@ def _prepare(lrs: np.ndarray, losses: np.ndarray, need: int, name: str, stacklev
         raise ValueError(f"lrs and losses differ in length: {len(lrs)} != {len(losses)}")
     bad = np.flatnonzero(~(np.isfinite(losses) & np.isfinite(lrs) & (lrs > 0)))
     n = int(bad[0]) if len(bad) else len(losses)
+    warm = _warm(n)
+    if to_blow_up and n > warm:
+        y = losses[warm:n]
+        best, top = np.minimum.accumulate(y), np.maximum.accumulate(losses[:n])[warm - 1:-1]
+        # 4x in a form for any sign, as the stop rule; a new high over the whole curve so far
+        over = np.flatnonzero((y - best > 3 * np.abs(best)) & (y > top))
+        n = warm + int(over[0]) if len(over) else n
     if n < need:
         warnings.warn(
             f"{name}: needs at least {need} finite points, got {n}; no suggestion "
@@ -117,7 +135,7 @@ def _descent(fit: np.ndarray) -> tuple[int, int, float]:
     first third of ``p..i`` (at least 5 points, none past ``i``), and the descent starts at
     ``j``, the last point at or above that level before the minimum.
     """
-    warm = max(5, len(fit) // 10)
+    warm = _warm(len(fit))
     while True:
         i = int(np.argmax(np.maximum.accumulate(fit) - fit))
         p = int(np.argmax(fit[: i + 1]))
@@ -137,7 +155,7 @@ def _smoothed_descent(
     None when there are fewer than 5 finite points or the smoothed loss never falls
     below its start level.
     """
-    data = _prepare(lrs, losses, 5, name, stacklevel=4)
+    data = _prepare(lrs, losses, 5, name, stacklevel=4, to_blow_up=True)
     if data is None:
         return None
     lx = np.log10(data[0])
@@ -172,7 +190,7 @@ def minimum(lrs: np.ndarray, losses: np.ndarray) -> float | None:
     around that minimum within 10% of the drop (start level - minimum) from it, so a flat
     bottom gives its centre instead of whichever point the noise makes lowest.
     """
-    data = _prepare(lrs, losses, 3, "minimum")
+    data = _prepare(lrs, losses, 3, "minimum", to_blow_up=True)
     if data is None:
         return None
     lrs, losses = data

@@ -90,6 +90,7 @@ def test_exp_grid_exact_endpoints_and_constant_ratio():
         assert lr == pytest.approx(1e-6 * (1e5) ** (k / 19), rel=1e-12)
 
 
+@pytest.mark.filterwarnings("ignore:mode='linear'")
 def test_linear_grid_exact_endpoints_and_constant_difference():
     learn = make(opt_func=spy_sgd)
     res = learn.lr_find(start_lr=1e-4, end_lr=5e-2, num_it=12, stop_div=False, mode="linear")
@@ -835,6 +836,16 @@ def test_empty_loader_raises():
     with pytest.raises(ValueError, match="^train_dl is empty"):
         lrfind.lr_find(model, opt, empty, loss_func=F.mse_loss)
     assert same(w, model.state_dict())
+
+
+def test_linear_mode_over_many_decades_warns():
+    with pytest.warns(UserWarning, match="mode='linear' from 1e-07 to 10 spends nine tenths") as w:
+        make().lr_find(num_it=10, mode="linear")
+    assert w[0].filename == __file__  # points at the caller
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        make().lr_find(num_it=20, mode="linear", start_lr=1e-3, end_lr=1e-1, stop_div=False,
+                       suggest_funcs=("minimum",))
 
 
 def test_a_loader_without_a_length_is_refused_by_name():

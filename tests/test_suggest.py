@@ -138,6 +138,17 @@ def test_a_fall_after_the_blow_up_is_not_the_descent(name):
         _log(SUGGESTIONS[name](LRS[cut], DROP[cut])), abs=0.15)  # was up to 1.5 decades off
 
 
+@pytest.mark.parametrize("name", ["minimum", "steep", "auto"])
+def test_a_run_past_its_blow_up_is_read_before_it(name):
+    # stop_div=False: the loss climbs to 1e30 before it turns non-finite
+    past = DROP.copy()
+    past[X > -0.5] = 10.0 ** (4 + 60 * (X[X > -0.5] + 0.5))
+    assert past.max() > 1e30
+    cut = X <= -0.5
+    assert _log(SUGGESTIONS[name](LRS, past)) == pytest.approx(
+        _log(SUGGESTIONS[name](LRS[cut], DROP[cut])), abs=0.15)
+
+
 def test_minimum_of_an_early_bowl():
     # the run diverged soon after its minimum, which sits in the first fifth of the curve
     x = np.linspace(-5, 0, 51)
