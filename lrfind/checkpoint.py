@@ -8,6 +8,7 @@ import re
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch import nn
 
 from .callback import Callback, CancelFitException
 from .utils import atomic_save, check_int, check_path, set_rng_state
@@ -99,8 +100,6 @@ def read_checkpoint(learn: Learner, path: str | os.PathLike, n_epoch: int,
 
     Changes nothing.
     """
-    from .learner import check_opt_state, check_state_dict
-
     path = check_path("resume_from", path)
     state = load_checkpoint(path)
     check_state_dict(learn.model, state["model"])
@@ -291,3 +290,25 @@ class SaveBest(_Monitor):
     def after_epoch(self, learn: Learner) -> None:
         if self.improved(learn):
             learn.save(self.path)
+
+
+def check_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Raise ValueError if ``state`` does not have exactly ``model``'s keys and shapes."""
+    own = model.state_dict()
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    shapes = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
+    if missing or unexpected or shapes:
+        raise ValueError(f"checkpoint does not match the model: missing keys {missing[:5]}, "
+                         f"unexpected keys {unexpected[:5]}, shape mismatches {shapes[:5]}")
+
+
+def check_opt_state(opt: torch.optim.Optimizer, state: dict, where: str,
+                    kind: str | None = None) -> None:
+    """Raise ValueError unless ``state`` has ``opt``'s parameter groups (and class ``kind``)."""
+    if kind is not None and kind != type(opt).__name__:
+        raise ValueError(f"{where!r} holds the state of the optimizer {kind}, this learner's "
+                         f"optimizer is {type(opt).__name__}")
+    sizes = [len(g["params"]) for g in state["param_groups"]]
+    if sizes != [len(g["params"]) for g in opt.param_groups]:
+        raise ValueError(f"{where!r}: the optimizer state has parameter groups of sizes {sizes}, "
+                         f"this learner's optimizer {[len(g['params']) for g in opt.param_groups]}")

@@ -23,6 +23,14 @@ from .callback import (
     CancelStepException,
     ParamScheduler,
 )
+from .checkpoint import (
+    apply_checkpoint,
+    check_opt_state,
+    check_state_dict,
+    load_callback_states,
+    load_checkpoint,
+    read_checkpoint,
+)
 from .distributed import distributed_loader, init_distributed, is_sharded
 from .metrics import metric_name
 from .progress import ProgressCallback
@@ -384,8 +392,6 @@ class Learner:
             try:
                 self._event("before_fit")
                 if self.resume_cbs is not None:
-                    from .checkpoint import load_callback_states
-
                     load_callback_states(self)
                 for epoch in range(self.epoch, n_epoch):
                     self.epoch, self.valid_result = epoch, None
@@ -426,8 +432,6 @@ class Learner:
              resume_from: str | os.PathLike | None, method: str, args: dict,
              scheds: Callable[[list[float]], dict] | None) -> None:
         """Check every argument, resolve the LRs (running the range test for "auto") and fit."""
-        from .checkpoint import apply_checkpoint, read_checkpoint
-
         check_int("n_epoch", n_epoch)
         name = "lr" if method in ("fit", "flat_cos") else "lr_max"  # the caller's parameter
         auto = isinstance(lr, str)
@@ -571,8 +575,6 @@ class Learner:
                   (epochs, resolve_lrs(slice(base_lr / 2 / lr_mult, base_lr / 2), n))]
         first = resume_from is None
         if not first:  # which phase wrote it, told before anything changes
-            from .checkpoint import load_checkpoint
-
             state = load_checkpoint(check_path("resume_from", resume_from))
             written = (state["n_epoch"], state["sched"].get("lrs"))
             if written not in phases[not freeze_epochs:]:
@@ -713,25 +715,3 @@ class Learner:
         self.model.load_state_dict(state["model"])
         if opt_state is not None:
             self.opt.load_state_dict(opt_state)
-
-
-def check_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Raise ValueError if ``state`` does not have exactly ``model``'s keys and shapes."""
-    own = model.state_dict()
-    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-    shapes = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
-    if missing or unexpected or shapes:
-        raise ValueError(f"checkpoint does not match the model: missing keys {missing[:5]}, "
-                         f"unexpected keys {unexpected[:5]}, shape mismatches {shapes[:5]}")
-
-
-def check_opt_state(opt: torch.optim.Optimizer, state: dict, where: str,
-                    kind: str | None = None) -> None:
-    """Raise ValueError unless ``state`` has ``opt``'s parameter groups (and class ``kind``)."""
-    if kind is not None and kind != type(opt).__name__:
-        raise ValueError(f"{where!r} holds the state of the optimizer {kind}, this learner's "
-                         f"optimizer is {type(opt).__name__}")
-    sizes = [len(g["params"]) for g in state["param_groups"]]
-    if sizes != [len(g["params"]) for g in opt.param_groups]:
-        raise ValueError(f"{where!r}: the optimizer state has parameter groups of sizes {sizes}, "
-                         f"this learner's optimizer {[len(g['params']) for g in opt.param_groups]}")
