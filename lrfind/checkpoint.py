@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from .callback import Callback, CancelFitException
+from .distributed import barrier
 from .utils import atomic_save, check_int, check_path, set_rng_state
 
 if TYPE_CHECKING:
@@ -61,6 +62,8 @@ def training_state(learn: Learner, mid_epoch: bool) -> dict[str, Any]:
         "sched": learn.sched_args,
         "rng": _every_process(learn, learn.rng_state()),
         "epoch_rng": _every_process(learn, learn.epoch_rng) if mid_epoch else None,
+        # a DistributedSampler shuffles from its own seed (drawn at the start of the job)
+        "sampler_seed": getattr(getattr(learn.train_dl, "sampler", None), "seed", None),
     }
 
 
@@ -133,6 +136,9 @@ def apply_checkpoint(learn: Learner, state: dict[str, Any]) -> None:
     learn.recorder.load_state_dict(state["recorder"])
     if "callbacks" in state:
         learn.resume_cbs = [s for _, s in state["callbacks"]]
+    sampler = getattr(learn.train_dl, "sampler", None)
+    if state.get("sampler_seed") is not None and hasattr(sampler, "seed"):
+        sampler.seed = state["sampler_seed"]
     learn.epoch, learn.train_iter = state["epoch"], state["train_iter"]
     learn.resume_skip = state["batches_done"]
     if state["batches_done"]:  # replay the epoch's batch order, then go on from the RNGs
@@ -171,6 +177,7 @@ class Checkpoint(Callback):
         state = training_state(learn, mid_epoch)
         if learn.is_main:
             atomic_save(state, self.path)
+        barrier(learn.world_size)  # the other processes may read it next
 
     def before_fit(self, learn: Learner) -> None:
         self.saved = learn.train_iter  # steps done at the last save (or at the resume)

@@ -72,3 +72,33 @@ def distributed_loader(dl: Any, world_size: int, rank: int) -> Any:
                       num_workers=dl.num_workers, collate_fn=dl.collate_fn,
                       pin_memory=dl.pin_memory, drop_last=dl.drop_last,
                       worker_init_fn=dl.worker_init_fn, persistent_workers=dl.persistent_workers)
+
+
+def barrier(world_size: int) -> None:
+    """Wait for every process (nothing in one process): after rank 0 wrote a file."""
+    if world_size > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def sync_buffers(model: nn.Module, world_size: int) -> None:
+    """Give every process the first one's buffers (BatchNorm statistics), as DDP does at each
+    forward pass: after an epoch each process has updated them from its own batches, and
+    validation, early stopping and checkpoints must see the same model everywhere."""
+    if world_size > 1:
+        import torch.distributed as dist
+
+        for b in model.buffers():
+            dist.broadcast(b.data, src=0)
+
+
+def check_same_length(dl: Any) -> None:
+    """Raise ValueError unless ``dl`` has as many batches in every process."""
+    import torch.distributed as dist
+
+    lengths: list = [None] * dist.get_world_size()
+    dist.all_gather_object(lengths, len(dl))
+    if len(set(lengths)) > 1:
+        raise ValueError(f"train_dl has {lengths} batches in processes 0..{len(lengths) - 1}: "
+                         "every process needs the same number, or they wait on each other")

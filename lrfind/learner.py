@@ -31,7 +31,14 @@ from .checkpoint import (
     load_checkpoint,
     read_checkpoint,
 )
-from .distributed import distributed_loader, init_distributed, is_sharded
+from .distributed import (
+    barrier,
+    check_same_length,
+    distributed_loader,
+    init_distributed,
+    is_sharded,
+    sync_buffers,
+)
 from .metrics import metric_name
 from .progress import ProgressCallback
 from .recorder import Recorder
@@ -185,9 +192,11 @@ class Learner:
             torch.autocast, device_type=self.device.type, dtype=dtype)
         self.scaler = torch.amp.GradScaler(self.device.type) if precision == "fp16" else None
         self.model, self.ddp, self.train_model = model, None, model  # training calls train_model
-        if self.world_size > 1 and not is_sharded(model):
+        if self.world_size > 1:
             train_dl = distributed_loader(train_dl, self.world_size, self.rank)
-            self._wrap()
+            check_same_length(train_dl)
+            if not is_sharded(model):  # a model the user wrapped (DDP, FSDP) stays as it is
+                self._wrap()
         self.train_dl, self.valid_dl = train_dl, valid_dl
         self.loss_func, self.compute_loss, self.metrics = loss_func, compute_loss, metrics
         self.metric_names = names
@@ -312,6 +321,7 @@ class Learner:
         self.opt.zero_grad(set_to_none=True)
         self._event("before_train")
         n, accum, skip = len(self.train_dl), self.accum_steps, self.resume_skip
+        no_sync = getattr(self.train_model, "no_sync", None)  # DDP's (or FSDP's), ours or not
         batches = iter(self.train_dl)
         if skip:  # resuming mid-epoch: replay the order, skip what was seen, then the RNGs
             for _ in range(skip):
@@ -325,8 +335,7 @@ class Learner:
                 self.batch = to_device(batch, self.device)
                 self._event("before_batch")
                 # DDP: gradients are averaged across processes only on the stepping batch.
-                with (contextlib.nullcontext() if stepping or self.ddp is None
-                      else self.ddp.no_sync()):
+                with (contextlib.nullcontext() if stepping or no_sync is None else no_sync()):
                     with self._autocast():
                         self.loss = self._loss(self.batch, self.train_model)
                     if self.loss.ndim != 0:
@@ -367,7 +376,8 @@ class Learner:
                 self.scaler.update()
                 # an overflow in the gradients skipped the step; a non-finite loss goes on to
                 # after_step, where the recorder and the range test stop on it as in fp32
-                if self.scaler.get_scale() < scale and torch.isfinite(self.step_loss):
+                if (self.scaler.get_scale() < scale
+                        and torch.isfinite(self.reduce_loss(self.step_loss))):  # all alike
                     raise CancelStepException
             stepped = True
             self._event("after_step")
@@ -398,6 +408,8 @@ class Learner:
                     try:
                         self._event("before_epoch")
                         self._train_epoch()
+                        if self.ddp is not None:
+                            sync_buffers(self.model, self.world_size)
                         if self.valid_dl is not None and not only:
                             self._event("before_validate")
                             self.valid_result = self.validate()
@@ -700,6 +712,7 @@ class Learner:
         if self.is_main:
             atomic_save({"model": self.model.state_dict(),
                          "opt": self.opt.state_dict() if with_opt else None}, path)
+        barrier(self.world_size)  # the other processes may read it next
 
     def load(self, path: str | os.PathLike, with_opt: bool = True) -> None:
         """Load what :meth:`save` wrote; keys and shapes are checked before anything changes."""

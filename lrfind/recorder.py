@@ -47,11 +47,20 @@ class Recorder(Callback):
         self._epoch_ends: list[int] = []  # steps done at the end of each epoch in values
         self.values: list[dict[str, float]] = []
         self.lr_find_result: Any = None
+        self._shared = False  # training in several processes: averaging needs all of them
 
     @property
     def losses(self) -> list[float]:
-        """Training loss of every optimizer step so far (reads pending values from the device)."""
-        self.flush()
+        """Training loss of every optimizer step so far (reads pending values from the device).
+
+        Under torchrun the steps since the last average across processes (made every
+        FLUSH_EVERY steps and at each epoch's end, on every process at once) read as this
+        process's own until then.
+        """
+        if not self._shared:
+            self.flush()
+        elif self._pending:
+            return self._losses + torch.stack(self._pending).float().cpu().tolist()
         return self._losses
 
     @property
@@ -93,6 +102,7 @@ class Recorder(Callback):
                                                           for i in range(len(self.values))]))
 
     def before_fit(self, learn: Learner) -> None:
+        self._shared = learn.world_size > 1
         if not learn.resuming:
             self.lrs, self.moms, self._losses, self._pending, self.values = [], [], [], [], []
             self._epoch_start, self._epoch_ends = 0, []

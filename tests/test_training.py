@@ -636,9 +636,25 @@ resumed = dropout_learner()
 resumed.fit_one_cycle(2, 1e-2, resume_from=sys.argv[1] + "/ck.pt")
 resumed_exact = all(torch.equal(a, b)
                     for a, b in zip(full.model.parameters(), resumed.model.parameters()))
+
+torch.manual_seed(0)  # BatchNorm: each process updates its statistics from its own batches
+bn = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.BatchNorm1d(16), torch.nn.Linear(16, 2))
+torch.manual_seed(100 + learn.rank)
+valid = DataLoader(TensorDataset(x[:64], y[:64], idx[:64]), batch_size=32)
+bn_learn = lrfind.Learner(bn, dl, valid, compute_loss=lambda m, b: F.cross_entropy(m(b[0]), b[1]),
+                          progress=False)
+bn_learn.fit(2, 1e-2)
+bn_state = [b.tolist() for b in bn.buffers()] + [bn_learn.recorder.values[-1]["valid_loss"]]
+try:  # loaders of other lengths would leave one process waiting for the other
+    lrfind.Learner(torch.nn.Linear(8, 2), DataLoader(TensorDataset(x[:32 * (1 + learn.rank)],
+                   y[:32 * (1 + learn.rank)]), batch_size=8), loss_func=F.cross_entropy)
+    uneven = "accepted"
+except ValueError as e:
+    uneven = str(e)
 json.dump({"sugg": res.suggestions, "n": len(res.lrs), "w": w, "seen": fit_seen,
            "losses": learn.recorder.losses, "frozen_kept": frozen_kept, "tuned": tuned,
-           "own_kept": own_kept, "resumed_exact": resumed_exact},
+           "own_kept": own_kept, "resumed_exact": resumed_exact, "bn": bn_state,
+           "uneven": uneven},
           open(os.path.join(sys.argv[1], "rank%d.json" % learn.rank), "w"))
 """
 
@@ -664,6 +680,10 @@ def test_two_processes_on_cpu(tmp_path):
     assert r0["tuned"] == r1["tuned"] and r0["tuned"] != r0["w"]
     assert r0["own_kept"] and r1["own_kept"]  # standalone lr_find: each its own weights back
     assert r0["resumed_exact"] and r1["resumed_exact"]  # each process resumes its own RNGs
+    assert r0["bn"] == r1["bn"]  # the same statistics, so the same validation everywhere
+    assert r0["uneven"] == r1["uneven"] == ("train_dl has [2, 4] batches in processes 0..1: "
+                                            "every process needs the same number, or they "
+                                            "wait on each other")
 
 
 def test_a_loader_with_its_own_sampler_is_not_resharded_silently():
