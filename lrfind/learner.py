@@ -572,7 +572,7 @@ class Learner:
         freeze_epochs=1, lr_mult=100, pct_start=0.3, div=5.
 
         ``resume_from``: a :class:`Checkpoint` file of an interrupted ``fine_tune`` with the
-        same arguments; it resumes in the phase that wrote it (told by what was frozen).
+        same arguments; it resumes in the phase that wrote it, told by its epochs and LRs.
         """
         check_int("epochs", epochs)
         check_int("freeze_epochs", freeze_epochs, low=0)
