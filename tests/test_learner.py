@@ -173,6 +173,9 @@ def test_one_cycle_custom_div_and_pct_start_endpoints():
     assert seen[0]["lr"] == 0.3 / 7.0
     assert seen[-1]["lr"] == 0.3 / 300.0
     assert (seen[0]["mom"], seen[-1]["mom"]) == (0.9, 0.7)
+    n = len(seen)  # every step on the curve, the peak at pct_start of the way
+    expected = [schedules.one_cycle(0.3, 7.0, 300.0, 0.4)(i / (n - 1)) for i in range(n)]
+    assert [s["lr"] for s in seen] == pytest.approx(expected, rel=1e-12)
 
 
 def test_resolve_lrs():
@@ -679,6 +682,14 @@ def test_fine_tune_runs():
     assert [g["lr"] for g in seen[0]] == pytest.approx([0.025 / 100 / 5, 0.025 / 5], rel=1e-12)
     # the frozen phase: 4 steps where the first group was frozen
     assert len(learn.opt.seen) == 4 + 8
+    frozen, first = make(two_layer(), splitter=split2, opt_func=sgd_mom), []
+
+    class FirstGroup(Callback):
+        def before_fit(self, learn):
+            first.append([p.detach().clone() for p in learn.model[0].parameters()])
+
+    frozen.fine_tune(1, base_lr=0.05, freeze_epochs=1, cbs=[FirstGroup()])
+    assert same(first[0], first[1])  # the frozen phase left the first group alone
 
 
 def test_fine_tune_passes_wd_and_callbacks_to_both_fits():

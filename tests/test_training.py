@@ -205,16 +205,20 @@ def test_early_stopping_and_save_best(tmp_path):
     learn = make_learner()
     values = iter([1.0, 0.5, 0.6, 0.7, 0.4, 0.9, 0.9, 0.9, 0.9, 0.9])
 
+    snapshots = []
+
     class FakeValid(Callback):
         order = 60  # after the recorder wrote the row, before the monitors read it
 
         def after_epoch(self, learn):
             learn.recorder.values[-1]["valid_loss"] = next(values)
+            snapshots.append(weights(learn))
 
     best = tmp_path / "best.pt"
     learn.fit(10, 1e-3, cbs=[FakeValid(), EarlyStopping(patience=2), SaveBest(best)])
     assert len(learn.recorder.values) == 4  # 0.6 and 0.7 do not beat 0.5
-    assert best.exists()
+    saved = list(torch.load(best, weights_only=True)["model"].values())
+    assert same(saved, snapshots[1]) and not same(saved, snapshots[3])  # epoch 1's, at 0.5
     with pytest.raises(ValueError, match="monitor"):
         learn.fit(1, cbs=[EarlyStopping(monitor="nope")])
     with pytest.raises(ValueError, match="mode"):
@@ -510,10 +514,23 @@ def test_non_finite_loss_stops_with_epoch_and_step(tmp_path):
     assert all(torch.isfinite(v).all() for v in state["model"].values())
 
 
-def test_bf16_on_cpu_trains_with_float32_params():
-    learn = make_learner(precision="bf16")
+class PredDtypes(Callback):
+    """Records the dtype of the model's output at every loss (it shows autocast at work)."""
+
+    def __init__(self) -> None:
+        self.seen: set = set()
+
+    def after_loss(self, learn: lrfind.Learner) -> None:
+        self.seen.add(learn.pred.dtype)
+
+
+@pytest.mark.parametrize(("precision", "dtype"), [("bf16", torch.bfloat16),
+                                                  ("fp16", torch.float16)])
+def test_mixed_precision_on_cpu_trains_with_float32_params(precision, dtype):
+    learn, dtypes = make_learner(precision=precision), PredDtypes()
     first = learn.validate()["valid_loss"]
-    learn.fit_one_cycle(3, 1e-2)
+    learn.fit_one_cycle(3, 1e-2, cbs=[dtypes])
+    assert dtypes.seen == {dtype}  # the forward pass ran under autocast
     assert learn.validate()["valid_loss"] < first
     assert all(p.dtype == torch.float32 for p in learn.model.parameters())
 
@@ -534,7 +551,7 @@ def test_fp16_overflow_skips_step_without_advancing_schedule():
                 for i in range(learn.total_steps - 1)]
     assert rec.lrs == pytest.approx(expected, rel=1e-12)
     res = make_learner(precision="fp16").lr_find(num_it=20, stop_div=False, show_plot=False)
-    assert len(res.lrs) <= 20
+    assert len(res.lrs) == 20 and res.stop_reason == "num_it reached"  # skipped steps retried
 
 
 def test_fp16_stops_at_a_non_finite_loss_as_fp32_does():
@@ -572,9 +589,20 @@ def test_bad_training_arguments():
 
 
 def test_lr_find_counts_optimizer_steps_under_accumulation():
-    learn = make_learner(accum_steps=4)
+    class Batches(Callback):
+        in_lr_find = True
+
+        def __init__(self) -> None:
+            self.n = 0
+
+        def before_batch(self, learn: lrfind.Learner) -> None:
+            self.n += 1
+
+    batches = Batches()
+    learn = make_learner(accum_steps=4, cbs=[batches])
     res = learn.lr_find(num_it=30, stop_div=False, show_plot=False)
-    assert len(res.lrs) == 30  # 30 optimizer steps, 120 batches
+    # 10 batches an epoch make 3 steps (4 + 4 + 2 batches): 30 steps take 10 epochs
+    assert len(res.lrs) == 30 and batches.n == 100
 
 
 DDP_SCRIPT = """
