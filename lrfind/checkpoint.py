@@ -12,7 +12,7 @@ from torch import nn
 
 from .callback import Callback, CancelFitException
 from .distributed import barrier
-from .utils import atomic_save, check_int, check_path, set_rng_state
+from .utils import atomic_save, check_int, check_number, check_path, set_rng_state
 
 if TYPE_CHECKING:
     from .learner import Learner
@@ -205,7 +205,7 @@ class _Monitor(Callback):
     def __init__(self, monitor: str, mode: str, min_delta: float = 0.0) -> None:
         if mode not in ("min", "max"):
             raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
-        if not isinstance(min_delta, (int, float)) or min_delta < 0:
+        if check_number("min_delta", min_delta) < 0:
             raise ValueError(f"min_delta must be a number >= 0, got {min_delta!r}")
         self.monitor, self.mode, self.min_delta = monitor, mode, float(min_delta)
 

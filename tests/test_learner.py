@@ -33,6 +33,7 @@ from lrfind import (
     SaveBest,
     TorchScheduler,
     accuracy,
+    error_rate,
     schedules,
 )
 from lrfind.learner import resolve_lrs
@@ -176,6 +177,22 @@ def test_one_cycle_custom_div_and_pct_start_endpoints():
     n = len(seen)  # every step on the curve, the peak at pct_start of the way
     expected = [schedules.one_cycle(0.3, 7.0, 300.0, 0.4)(i / (n - 1)) for i in range(n)]
     assert [s["lr"] for s in seen] == pytest.approx(expected, rel=1e-12)
+
+
+def test_warmup_cosine_follows_its_schedule_at_every_step():
+    learn = make(opt_func=sgd_mom)
+    learn.fit_warmup_cosine(2, 0.3, warmup_pct=0.25, div=10.0, div_final=100.0)
+    seen = [s[0]["lr"] for s in learn.opt.seen]
+    n = len(seen)
+    f = schedules.warmup_cosine(0.3, 0.25, 10.0, 100.0)
+    assert seen == pytest.approx([f(i / (n - 1)) for i in range(n)], rel=1e-12)
+    assert (seen[0], seen[-1]) == pytest.approx((0.03, 0.003), rel=1e-12)
+
+
+def test_error_rate_is_one_minus_accuracy():
+    preds = torch.tensor([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.3, 0.7]])
+    targets = torch.tensor([0, 1, 1, 1])
+    assert error_rate(preds, targets).item() == pytest.approx(0.25)
 
 
 def test_resolve_lrs():

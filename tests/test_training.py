@@ -227,6 +227,24 @@ def test_early_stopping_and_save_best(tmp_path):
         EarlyStopping(patience=0)
 
 
+@pytest.mark.parametrize(("min_delta", "epochs"), [(0.0, 4), (0.1, 3)])
+def test_early_stopping_max_mode_and_min_delta(min_delta, epochs):
+    values = iter([1.0, 2.0, 2.05, 1.5, 1.5, 1.5])
+
+    class FakeValid(Callback):
+        order = 60
+
+        def after_epoch(self, learn):
+            learn.recorder.values[-1]["valid_loss"] = next(values)
+
+    learn = make_learner()
+    learn.fit(6, 1e-3, cbs=[FakeValid(), EarlyStopping(mode="max", patience=1,
+                                                       min_delta=min_delta)])
+    assert len(learn.recorder.values) == epochs  # 2.05 beats 2.0, but not by 0.1
+    with pytest.raises(ValueError, match="^min_delta must be a finite number, got True"):
+        EarlyStopping(min_delta=True)
+
+
 VALUES = [1.0, 0.5, 0.6, 0.4, 0.7, 0.8, 0.9, 0.9]
 
 
