@@ -140,9 +140,9 @@ def preserved(learn: Learner, cbs: Sequence[Callback] = ()) -> Iterator[None]:
         learn.scaler = scaler
         if scaler is not None:
             scaler.load_state_dict(_load(scaler_state))
-        set_rng_state(rng, dl)
-        if epoch is not None:
+        if epoch is not None:  # first: a sampler may re-seed its generator in set_epoch
             sampler.set_epoch(epoch)
+        set_rng_state(rng, dl)
         if getattr(dl, "_iterator", None) is not workers:
             # the sweep's workers have drawn from their RNGs: let them go, and give the next
             # pass the workers it would have had without the range test (or fresh ones)

@@ -597,6 +597,33 @@ def test_persistent_workers_restart_so_fit_trains_like_fit_alone():
     assert a.recorder.losses == b.recorder.losses
 
 
+class ReseedingSampler(torch.utils.data.Sampler):
+    """Re-seeds its generator in set_epoch, as some distributed samplers do."""
+
+    def __init__(self, n):
+        self.n, self.epoch, self.generator = n, 0, torch.Generator()
+
+    def __len__(self):
+        return self.n
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+        self.generator.manual_seed(100 + epoch)
+
+    def __iter__(self):
+        return iter(torch.randperm(self.n, generator=self.generator).tolist())
+
+
+def test_a_sampler_that_reseeds_in_set_epoch_gets_its_generator_back():
+    sampler = ReseedingSampler(64)
+    learn = make(dl=DataLoader(TensorDataset(*data()), batch_size=16, sampler=sampler))
+    learn.fit(1)
+    list(sampler)  # one order drawn since set_epoch
+    before = sampler.generator.get_state()
+    learn.lr_find(num_it=10)
+    assert torch.equal(sampler.generator.get_state(), before) and sampler.epoch == 0
+
+
 def test_sampler_epoch_is_restored():
     ds = TensorDataset(*data())
     sampler = torch.utils.data.DistributedSampler(ds, num_replicas=1, rank=0, shuffle=True)
