@@ -423,6 +423,25 @@ def test_a_step_checkpoint_cut_short_is_written_on_the_next_batch(tmp_path):
     assert same(weights(full), weights(resumed))
 
 
+def test_resume_takes_the_distributed_samplers_seed_from_the_checkpoint(tmp_path):
+    """A new job draws a new sampler seed; the checkpoint's seed gives the run's order."""
+    def learner(seed):
+        learn = make_learner()
+        ds = learn.train_dl.dataset
+        sampler = torch.utils.data.DistributedSampler(ds, 1, 0, shuffle=True, seed=seed)
+        learn.train_dl = torch.utils.data.DataLoader(ds, batch_size=16, sampler=sampler)
+        return learn
+
+    full = learner(5)
+    full.fit(2, 1e-2)
+    with pytest.raises(KeyboardInterrupt):
+        learner(5).fit(2, 1e-2, cbs=[Checkpoint(tmp_path / "ck.pt"), StopAt(0)])
+    resumed = learner(9)
+    resumed.fit(2, 1e-2, resume_from=tmp_path / "ck.pt")
+    assert resumed.train_dl.sampler.seed == 5
+    assert same(weights(full), weights(resumed))
+
+
 def test_a_resume_that_fails_early_does_not_leak_into_the_next_fit(tmp_path):
     cut = make_learner()
     with pytest.raises(KeyboardInterrupt):
