@@ -188,11 +188,12 @@ class TorchScheduler(Callback):
         cls = getattr(sched_cls, "func", sched_cls)  # a functools.partial's class
         self.plateau = isinstance(cls, type) and issubclass(
             cls, torch.optim.lr_scheduler.ReduceLROnPlateau)
-        self.restarts = isinstance(cls, type) and issubclass(
-            cls, torch.optim.lr_scheduler.CosineAnnealingWarmRestarts)
         self.monitor = monitor if self.plateau else None  # checked by the learner up front
         self._monitor = monitor  # also for a function that builds a ReduceLROnPlateau
-        if self.plateau and interval == "batch":
+        self._check_interval()
+
+    def _check_interval(self) -> None:
+        if self.plateau and self.interval == "batch":
             raise ValueError("interval must be 'epoch' for ReduceLROnPlateau, got 'batch'")
 
     def __repr__(self) -> str:
@@ -208,8 +209,7 @@ class TorchScheduler(Callback):
         lr_scheduler = torch.optim.lr_scheduler
         self.plateau = isinstance(self.sched, lr_scheduler.ReduceLROnPlateau)
         self.restarts = isinstance(self.sched, lr_scheduler.CosineAnnealingWarmRestarts)
-        if self.plateau and self.interval == "batch":
-            raise ValueError("interval must be 'epoch' for ReduceLROnPlateau, got 'batch'")
+        self._check_interval()
         if self.plateau:
             learn.check_monitor(self._monitor)
 
