@@ -107,6 +107,18 @@ def get_momentum(group: dict) -> float | None:
     return None if key is None else group[key] if key == "momentum" else group[key][0]
 
 
+def set_lr(group: dict, value: float) -> None:
+    """Write ``value`` as the group's LR, into its tensor when the LR is one.
+
+    A tensor LR (for a compiled or capturable step) stays the same object, so whatever holds
+    it sees the schedule.
+    """
+    if isinstance(group["lr"], torch.Tensor):
+        group["lr"].fill_(value)
+    else:
+        group["lr"] = value
+
+
 def set_momentum(group: dict, value: float) -> None:
     """Write ``value`` as the group's momentum (``betas[0]``, keeping the other betas)."""
     key = momentum_key(group)
@@ -114,6 +126,19 @@ def set_momentum(group: dict, value: float) -> None:
         group["momentum"] = value
     elif key == "betas":
         group["betas"] = (value, *group["betas"][1:])
+
+
+def _momentum_buffers(opt: torch.optim.Optimizer) -> None:
+    """Give RMSprop state made without momentum the zero buffer RMSprop makes with it.
+
+    RMSprop creates ``momentum_buffer`` only when momentum > 0 at a parameter's first step,
+    and its step fails with a KeyError once momentum is set later (one-cycle after a fit
+    with momentum=0).
+    """
+    if isinstance(opt, torch.optim.RMSprop):
+        for state in opt.state.values():
+            if state and "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(state["square_avg"])
 
 
 class ParamScheduler(Callback):
@@ -143,13 +168,15 @@ class ParamScheduler(Callback):
                 warnings.warn(f"{type(learn.opt).__name__} has neither 'momentum' nor 'betas': "
                               "momentum is not scheduled", stacklevel=2)
                 continue
+            if name == "mom":
+                _momentum_buffers(learn.opt)
             (self._lr if name == "lr" else self._mom).extend(zip(groups, fns))
         self._denom = max(learn.total_steps - 1, 1)
 
     def before_step(self, learn: Learner) -> None:
         pos = learn.train_iter / self._denom
         for group, f in self._lr:
-            group["lr"] = f(pos)
+            set_lr(group, f(pos))
         for group, f in self._mom:
             set_momentum(group, f(pos))
 

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.nn.parameter import is_lazy
 
-from .callback import Callback, CancelFitException
+from .callback import Callback, CancelFitException, set_lr
 from .learner import Learner
 from .plots import in_notebook, new_axes
 from .suggest import SUGGESTIONS, suggestion_input
@@ -255,7 +255,7 @@ class RangeTest(Callback):
     def before_step(self, learn: Learner) -> None:
         lr = self.grid[learn.train_iter]
         for g, r in zip(learn.opt.param_groups, self.ratios):
-            g["lr"] = lr * r
+            set_lr(g, lr * r)
 
     def after_step(self, learn: Learner) -> None:
         loss = learn.reduce_loss(learn.step_loss).item()  # the one host sync per step
@@ -330,6 +330,10 @@ def learner_lr_find(learn: Learner, start_lr: float = 1e-7, end_lr: float = 10.0
         warnings.warn(f"mode='linear' from {start_lr:g} to {end_lr:g} spends nine tenths of the "
                       "sweep in its top decade, and the suggestions skip the first tenth: use "
                       "mode='exp' for more than two decades", stacklevel=3)
+    if isinstance(learn.opt, torch.optim.Rprop):
+        warnings.warn("Rprop takes lr only as each weight's first step size and adapts it "
+                      "from the signs of the gradients: the range test's curve says little "
+                      "about the LR", stacklevel=3)
     if mode == "exp":
         grid = [start_lr * (end_lr / start_lr) ** (k / (num_it - 1)) for k in range(num_it)]
     else:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import math
 import numbers
 import os
@@ -22,6 +23,7 @@ from .callback import (
     CancelFitException,
     CancelStepException,
     ParamScheduler,
+    set_lr,
 )
 from .checkpoint import (
     apply_checkpoint,
@@ -206,10 +208,13 @@ class Learner:
         self.opt = opt_func(params) if lrs is None else opt_func(params, lr=lrs[-1])
         if lrs is not None:
             self._set_lrs(lrs)
-        self.lr = lr if lr is not None else [g["lr"] for g in self.opt.param_groups]
-        if wd is not None:
-            for g in self.opt.param_groups:
-                g["weight_decay"] = float(wd)  # a numpy value would not load
+        closure = inspect.signature(self.opt.step).parameters.get("closure")
+        if closure is not None and closure.default is inspect.Parameter.empty:
+            raise TypeError(f"opt_func: {type(self.opt).__name__} needs a closure at every step "
+                            "(a line search); lrfind steps once per batch without one")
+        self._check_wd(wd)
+        self.lr = lr if lr is not None else [float(g["lr"]) for g in self.opt.param_groups]
+        self._set_wd(wd)
         self.recorder = Recorder()
         self.cbs: list[Callback] = []
         self._extra: list[Callback] = []
@@ -450,8 +455,7 @@ class Learner:
         if auto and lr != "auto":
             raise ValueError(f"{name} must be a float, slice, sequence or 'auto', got {lr!r}")
         lrs = None if auto else self._lrs(lr, name)
-        if wd is not None and check_number("wd", wd) < 0:
-            raise ValueError(f"wd must be >= 0, got {wd!r}")
+        self._check_wd(wd)
         cbs = self._new_cbs(cbs)
         state = None if resume_from is None else read_checkpoint(self, resume_from, n_epoch,
                                                                  cbs)
@@ -476,18 +480,26 @@ class Learner:
             apply_checkpoint(self, state)
         else:
             self._set_lrs(lrs)
-            if wd is not None:
-                for g in self.opt.param_groups:
-                    g["weight_decay"] = float(wd)  # a numpy value would not load
+            self._set_wd(wd)
         extra = [] if scheds is None else [ParamScheduler(scheds(lrs))]
         self._fit(n_epoch, extra + cbs)
 
     def _lrs(self, lr: LR | None, name: str = "lr") -> list[float]:
         return resolve_lrs(self.lr if lr is None else lr, len(self.opt.param_groups), name)
 
+    def _check_wd(self, wd: float | None) -> None:
+        if wd is not None and check_number("wd", wd) < 0:
+            raise ValueError(f"wd must be >= 0, got {wd!r}")
+        if wd is not None and "weight_decay" not in self.opt.defaults:
+            raise ValueError(f"wd={wd!r}, but {type(self.opt).__name__} has no weight decay")
+
+    def _set_wd(self, wd: float | None) -> None:
+        for g in self.opt.param_groups if wd is not None else []:
+            g["weight_decay"] = float(wd)  # a numpy value would not load
+
     def _set_lrs(self, lrs: list[float]) -> None:
         for g, v in zip(self.opt.param_groups, lrs):
-            g["lr"] = v
+            set_lr(g, v)
 
     def fit_one_cycle(self, n_epoch: int, lr_max: LR | str | None = None, div: float = 25.0,
                       div_final: float = 1e5, pct_start: float = 0.25,
@@ -579,8 +591,7 @@ class Learner:
         check_positive("base_lr", base_lr)
         check_positive("lr_mult", lr_mult)
         schedules.one_cycle(1.0, div, 1e5, pct_start)
-        if wd is not None and check_number("wd", wd) < 0:
-            raise ValueError(f"wd must be >= 0, got {wd!r}")
+        self._check_wd(wd)
         cbs = self._new_cbs(cbs)  # before freeze changes anything
         n = len(self.opt.param_groups)
         phases = [(freeze_epochs, resolve_lrs(slice(base_lr), n)),

@@ -485,6 +485,50 @@ def test_optimizer_without_momentum_warns_once_and_trains():
     assert learn.recorder.lrs[-1] == 0.3 / 1e5
 
 
+def test_rmsprop_without_momentum_then_one_cycle_trains():
+    # RMSprop makes no momentum buffer when momentum is 0 at its first step
+    learn = make(opt_func=functools.partial(torch.optim.RMSprop, momentum=0.0))
+    learn.fit(1, 1e-3)
+    assert all("momentum_buffer" not in s for s in learn.opt.state.values())
+    before = learn.validate()["valid_loss"]
+    learn.fit_one_cycle(2, 1e-2)
+    assert learn.validate()["valid_loss"] < before
+    assert all("momentum_buffer" in s for s in learn.opt.state.values())
+
+
+def test_wd_on_optimizer_without_weight_decay_refused():
+    with pytest.raises(ValueError, match=r"wd=0.1, but Rprop has no weight decay"):
+        make(opt_func=torch.optim.Rprop, wd=0.1)
+    learn = make(opt_func=torch.optim.Rprop)
+    before = copy.deepcopy(learn.opt.state_dict())
+    with pytest.raises(ValueError, match=r"wd=0.1, but Rprop has no weight decay"):
+        learn.fit_one_cycle(1, wd=0.1)
+    assert same(learn.opt.state_dict(), before)
+
+
+def test_optimizer_that_needs_a_closure_refused():
+    with pytest.raises(TypeError, match="opt_func: LBFGS needs a closure"):
+        make(opt_func=torch.optim.LBFGS)
+
+
+def test_rprop_range_test_warns():
+    learn = make(opt_func=torch.optim.Rprop)
+    with pytest.warns(UserWarning, match="Rprop takes lr only as each weight's first step") as w:
+        learn.lr_find(num_it=10, show_plot=False)
+    assert w[0].filename == __file__
+
+
+def test_tensor_lr_stays_the_users_tensor():
+    lr = torch.tensor(1e-3)
+    learn = make(opt_func=functools.partial(torch.optim.Adam, lr=lr), lr=None)
+    assert learn.lr == [lr.item()] and learn.opt.param_groups[0]["lr"] is lr
+    learn.lr_find(num_it=10, show_plot=False)
+    assert learn.opt.param_groups[0]["lr"] is lr and lr.item() == pytest.approx(1e-3)
+    learn.fit_one_cycle(1)  # lr_max from the learner's lr, 1e-3
+    assert learn.opt.param_groups[0]["lr"] is lr
+    assert lr.item() == pytest.approx(learn.recorder.lrs[-1]) and lr.item() < 1e-7
+
+
 # ---- batches ---------------------------------------------------------------------------------
 
 
