@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__, schedules
+from .finder import check_args
 from .learner import AUTO_NUM_IT, Learner
 from .progress import ProgressCallback, format_row
 from .suggest import SUGGESTIONS
@@ -239,6 +240,7 @@ def cmd_find(args: argparse.Namespace) -> None:
     names = [_suggestion(s.strip(), "--suggest") for s in args.suggest.split(",") if s.strip()]
     if not names:
         raise UsageError("--suggest needs at least one suggestion name")
+    check_args(args.start_lr, args.end_lr, args.num_it, True, 4.0, 0.98, "exp", names)
     out = _folder(args.out, "--out")
     learn = load_learner(args.target)
     set_progress(learn, not args.quiet)

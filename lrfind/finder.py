@@ -284,8 +284,9 @@ class RangeTest(Callback):
             self.bar.close()
 
 
-def _check_args(start_lr: float, end_lr: float, num_it: int, stop_div: bool, div_th: float,
-                beta: float, mode: str, suggest_funcs: Any) -> dict[str, Suggestion]:
+def check_args(start_lr: float, end_lr: float, num_it: int, stop_div: bool, div_th: float,
+               beta: float, mode: str, suggest_funcs: Any) -> dict[str, Suggestion]:
+    """Check the range test's arguments; return the suggestion functions by name."""
     check_positive("start_lr", start_lr)
     if check_number("end_lr", end_lr) <= start_lr:
         raise ValueError(f"end_lr must be > start_lr ({start_lr!r}), got {end_lr!r}")
@@ -325,7 +326,7 @@ def learner_lr_find(learn: Learner, start_lr: float = 1e-7, end_lr: float = 10.0
                     suggest_funcs: Sequence[str | Suggestion] = ("minimum", "steep"),
                     show_plot: bool = True) -> LRFindResult:
     """Run the LR range test on ``learn``; see :func:`lr_find`."""
-    funcs = _check_args(start_lr, end_lr, num_it, stop_div, div_th, beta, mode, suggest_funcs)
+    funcs = check_args(start_lr, end_lr, num_it, stop_div, div_th, beta, mode, suggest_funcs)
     if mode == "linear" and end_lr > 100 * start_lr:
         warnings.warn(f"mode='linear' from {start_lr:g} to {end_lr:g} spends nine tenths of the "
                       "sweep in its top decade, and the suggestions skip the first tenth: use "
@@ -385,7 +386,7 @@ def lr_find(model: nn.Module, optimizer: torch.optim.Optimizer, train_dl: Any, *
     """
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {optimizer!r}")
-    funcs = _check_args(start_lr, end_lr, num_it, stop_div, div_th, beta, mode, suggest_funcs)
+    funcs = check_args(start_lr, end_lr, num_it, stop_div, div_th, beta, mode, suggest_funcs)
     # under torchrun the Learner wraps the model in DDP, which copies the first process's
     # weights into every process: each gets its own back afterwards
     own = _save(model.state_dict()) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None

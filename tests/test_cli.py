@@ -23,6 +23,7 @@ from lrfind.data import digits
 
 
 def make():
+    print("TARGET ran")
     train_dl, valid_dl, model = digits(batch_size=128)
     return Learner(model, train_dl, valid_dl, loss_func=F.cross_entropy, metrics=[accuracy])
 
@@ -109,7 +110,8 @@ def test_find_module_target(task, monkeypatch, capsys):
                                "--suggest", "steep,slide", "--start-lr", 1e-5, "--end-lr", 1)
     assert code == 0, stderr
     lines = [line.split() for line in stdout.splitlines()]
-    assert [line[0] for line in lines[1:]] == ["steep", "slide"]
+    assert lines[0] == ["TARGET", "ran"]
+    assert [line[0] for line in lines[2:]] == ["steep", "slide"]
     assert "task" in sys.modules
 
 
@@ -174,6 +176,7 @@ def test_fit_with_number(task, capsys):
     # lrfind's own argument checks, reported the same way
     (["find", "{task}:make", "--start-lr", "-1"], "start_lr must be > 0"),
     (["find", "{task}:make", "--num-it", "1"], "num_it must be an integer >= 2"),
+    (["find", "{task}:make", "--end-lr", "1e-9"], "end_lr must be > start_lr"),
     (["fit", "{task}:make", "--epochs", "1", "--lr", "steep", "--pct-start", "2"],
      "pct_start must be in (0, 1)"),
 ])
@@ -184,7 +187,7 @@ def test_bad_usage_exits_2_with_one_line(task, capsys, args, message):
     assert stderr.count("\n") == 1 and "Traceback" not in stderr
     assert stderr.startswith("lrfind: error: ")
     assert message.format(**fill) in stderr
-    assert "lr_find:" not in stdout  # rejected before any work
+    assert "TARGET ran" not in stdout  # rejected before any work
 
 
 def test_syntax_errors_use_argparse(task, capsys):
