@@ -12,7 +12,7 @@ Each adapter calls ``torch.manual_seed(seed)`` just before its loop, so every an
 the same shuffle order (this changes the caller's global RNG state). Results carry extra
 keys (``n_iter``, ``lrs``, ``losses``) besides the documented ones.
 
-Smoke run: ``/work/anchors-venv/bin/python benchmarks/anchors.py``.
+Smoke run: ``.venv-anchors/bin/python benchmarks/anchors.py``.
 """
 
 from __future__ import annotations

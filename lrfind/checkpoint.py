@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import re
 from typing import TYPE_CHECKING, Any
@@ -169,8 +170,9 @@ class Checkpoint(Callback):
     order = 100  # last: the file holds what every other callback made of the batch or epoch
 
     def __init__(self, path: str | os.PathLike, every: str | int = "epoch") -> None:
-        if every != "epoch":
-            check_int("every", every)
+        if every != "epoch" and (isinstance(every, (bool, str))
+                                 or not isinstance(every, numbers.Integral) or every < 1):
+            raise ValueError(f"every must be 'epoch' or an integer >= 1, got {every!r}")
         self.path, self.every = check_path("path", path), every
 
     def _save(self, learn: Learner, mid_epoch: bool) -> None:

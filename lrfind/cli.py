@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import inspect
 import json
 import linecache
 import math
@@ -114,9 +115,15 @@ def load_learner(target: str) -> Learner:
     func = getattr(module, name, None)
     if not callable(func):
         raise UsageError(f"{where!r} has no function {name!r}")
+    try:
+        inspect.signature(func).bind()
+    except TypeError as e:
+        raise UsageError(f"TARGET {target} must be callable without arguments: {e}") from None
+    except ValueError:  # no signature to read (some builtins): let the call decide
+        pass
     learn = func()
     if not isinstance(learn, Learner):
-        raise UsageError(f"{target} returned {type(learn).__name__}, not a lrfind.Learner")
+        raise UsageError(f"{target} returned {type(learn).__name__}, not an lrfind.Learner")
     return learn
 
 

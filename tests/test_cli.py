@@ -28,6 +28,10 @@ def make():
     return Learner(model, train_dl, valid_dl, loss_func=F.cross_entropy, metrics=[accuracy])
 
 
+def needs_args(size):
+    return size
+
+
 def not_a_learner():
     return [1, 2]
 
@@ -158,7 +162,9 @@ def test_fit_with_number(task, capsys):
     (["find", "{dir}/missing.py:make"], "TARGET file '{dir}/missing.py' does not exist"),
     (["find", "lrfind_no_such_module:make"], "cannot import TARGET module"),
     (["find", "{task}:nope"], "has no function 'nope'"),
-    (["find", "{task}:not_a_learner"], "returned list, not a lrfind.Learner"),
+    (["find", "{task}:not_a_learner"], "returned list, not an lrfind.Learner"),
+    (["find", "{task}:needs_args"],
+     "TARGET {task}:needs_args must be callable without arguments: missing a required argument"),
     (["find", "{task}"], "TARGET must be path/to/file.py:function"),
     (["fit", "{task}:make", "--epochs", "0", "--lr", "1e-2"], "--epochs must be an integer >= 1"),
     (["fit", "{task}:make", "--epochs", "-3", "--lr", "1e-2"], "--epochs must be an integer"),

@@ -13,9 +13,10 @@ import torch
 README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
 
 
-def quickstart() -> str:
+def block(heading: str) -> str:
+    """The first Python block after ``heading`` in the README."""
     text = open(README).read()
-    section = text[text.index("## Quickstart"):]
+    section = text[text.index(heading):]
     return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
 
@@ -23,15 +24,16 @@ def numbers(text: str) -> list[float]:
     return [float(x) for x in re.findall(r"\d+\.\d+(?:e[-+]\d+)?", text)]
 
 
-def test_quickstart_runs_and_prints_its_comments():
-    code = quickstart()
+@pytest.mark.parametrize("heading", ["## Quickstart", "### Your own loop"])
+def test_readme_block_runs_and_prints_its_comments(heading):
+    code = block(heading)
     expected = "\n".join(line[2:] for line in code.splitlines() if line.startswith("# "))
     out = io.StringIO()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         with contextlib.redirect_stdout(out):
-            exec(compile(code, "README quickstart", "exec"), {})
+            exec(compile(code, f"README {heading}", "exec"), {})
     finally:
         torch.set_num_threads(threads)
     printed = out.getvalue().strip()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -196,9 +197,11 @@ def test_resume_bad_input_changes_nothing(tmp_path):
     assert same(before, weights(learn)) and same(split_before, weights(split))
 
 
-def test_checkpoint_every_must_be_positive():
-    with pytest.raises(ValueError, match="every"):
-        Checkpoint("x.pt", every=0)
+@pytest.mark.parametrize("every", [0, "batch", 2.0, True])
+def test_checkpoint_every_must_be_epoch_or_positive(every):
+    with pytest.raises(ValueError, match=f"every must be 'epoch' or an integer >= 1, got "
+                                         f"{re.escape(repr(every))}"):
+        Checkpoint("x.pt", every=every)
 
 
 def test_early_stopping_and_save_best(tmp_path):
