@@ -23,13 +23,13 @@ that unit of work: the batch, the optimizer step, the epoch or the whole fit.
 from __future__ import annotations
 
 import inspect
-import warnings
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .schedules import Schedule
+from .utils import warn
 
 if TYPE_CHECKING:
     from .learner import Learner
@@ -165,8 +165,8 @@ class ParamScheduler(Callback):
                 raise ValueError(f"{name} schedules: expected {len(groups)} (one per parameter "
                                  f"group), got {len(fns)}")
             if name == "mom" and any(momentum_key(g) is None for g in groups):
-                warnings.warn(f"{type(learn.opt).__name__} has neither 'momentum' nor 'betas': "
-                              "momentum is not scheduled", stacklevel=2)
+                warn(f"{type(learn.opt).__name__} has neither 'momentum' nor 'betas': "
+                              "momentum is not scheduled")
                 continue
             if name == "mom":
                 _momentum_buffers(learn.opt)

@@ -13,10 +13,11 @@ They are registered by name in :data:`SUGGESTIONS`.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 
 import numpy as np
+
+from .utils import warn
 
 __all__ = ["SUGGESTIONS", "auto", "minimum", "slide", "steep", "suggestion_input", "valley"]
 
@@ -58,7 +59,7 @@ def _warm(n: int) -> int:
     return max(5, n // 10)
 
 
-def _prepare(lrs: np.ndarray, losses: np.ndarray, need: int, name: str, stacklevel: int = 3,
+def _prepare(lrs: np.ndarray, losses: np.ndarray, need: int, name: str,
              to_blow_up: bool = False):
     """Finite float arrays (cut at the first non-finite value or lr <= 0), or None + a warning.
 
@@ -66,8 +67,7 @@ def _prepare(lrs: np.ndarray, losses: np.ndarray, need: int, name: str, stacklev
     (the range test's divergence rule with the default ``div_th``; the first tenth of the
     points aside) and every value before it: the blow-up of a run that went on past it
     (``stop_div=False``), where the loss can reach 1e30 and swamp the fits of the curve
-    before it; nothing there is a minimum or a descent. ``stacklevel`` points the warning
-    at the caller of the suggestion function.
+    before it; nothing there is a minimum or a descent.
     """
     lrs = np.asarray(lrs, dtype=float).ravel()
     losses = np.asarray(losses, dtype=float).ravel()
@@ -83,11 +83,9 @@ def _prepare(lrs: np.ndarray, losses: np.ndarray, need: int, name: str, stacklev
         over = np.flatnonzero((y - best > 3 * np.abs(best)) & (y > top))
         n = warm + int(over[0]) if len(over) else n
     if n < need:
-        warnings.warn(
+        warn(
             f"{name}: needs at least {need} finite points, got {n}; no suggestion "
-            "(run the range test longer or with a smaller start_lr)",
-            stacklevel=stacklevel,
-        )
+            "(run the range test longer or with a smaller start_lr)")
         return None
     return lrs[:n], losses[:n]
 
@@ -155,7 +153,7 @@ def _smoothed_descent(
     None when there are fewer than 5 finite points or the smoothed loss never falls
     below its start level.
     """
-    data = _prepare(lrs, losses, 5, name, stacklevel=4, to_blow_up=True)
+    data = _prepare(lrs, losses, 5, name, to_blow_up=True)
     if data is None:
         return None
     lx = np.log10(data[0])
@@ -164,7 +162,7 @@ def _smoothed_descent(
     _, i, level = descent
     if level - fit[i] > 1e-9 * abs(level):
         return lx, data[1], fit, slope, descent
-    warnings.warn(f"{name}: the loss never fell below its start level; no suggestion", stacklevel=3)
+    warn(f"{name}: the loss never fell below its start level; no suggestion")
     return None
 
 
@@ -298,10 +296,10 @@ def auto(lrs: np.ndarray, losses: np.ndarray) -> float | None:
     lx, losses, fit, _, descent = data
     density = 1 / max(float(np.median(np.diff(lx))), 1e-12)
     if density > AUTO_MAX_DENSITY:
-        warnings.warn(
+        warn(
             f"auto: the range test has {density:.0f} points a decade; auto is made for "
             "100-300 steps over 1e-7..10 (12-37 a decade) and suggests too low an LR on much "
-            "denser sweeps", stacklevel=2)
+            "denser sweeps")
     return float(10 ** ((_half_drop(lx, fit, descent) + _minimum_lr(lx, losses) - 0.5) / 2))
 
 

@@ -7,11 +7,21 @@ import math
 import numbers
 import os
 import random
+import sys
+import warnings
 from collections.abc import Callable, Mapping, MutableMapping
 from typing import Any
 
 import numpy as np
 import torch
+
+
+def warn(message: str) -> None:
+    """``warnings.warn`` attributed to the first caller outside lrfind (the user's line)."""
+    frame, level = sys._getframe(1), 2
+    while frame is not None and frame.f_globals.get("__name__", "").startswith("lrfind."):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, stacklevel=level)
 
 
 def check_number(name: str, value: object) -> float:

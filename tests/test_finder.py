@@ -161,8 +161,9 @@ def test_stops_when_smoothed_loss_exceeds_div_th_times_best():
 
 def test_div_th_changes_the_threshold():
     loss = scripted([2.0, 1.0, 1.5, 2.5, 1.0, 1.0])
-    with pytest.warns(UserWarning, match="steep: needs at least 5"):  # 3 points to read
+    with pytest.warns(UserWarning, match="steep: needs at least 5") as w:  # 3 points to read
         res = make(loss_func=None, compute_loss=loss).lr_find(num_it=6, beta=0.0, div_th=2.0)
+    assert w[0].filename == __file__  # the user's lr_find line
     assert res.stop_reason == "diverged" and len(res.lrs) == 4
     loss = scripted([2.0, 1.0, 1.5, 2.5, 1.0, 1.0])
     res = make(loss_func=None, compute_loss=loss).lr_find(num_it=6, beta=0.0, stop_div=False)

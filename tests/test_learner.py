@@ -478,8 +478,10 @@ def test_optimizer_without_momentum_warns_once_and_trains():
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         learn.fit_one_cycle(3, 0.3)
-    msgs = [str(w.message) for w in caught if "momentum" in str(w.message)]
-    assert msgs == ["Adagrad has neither 'momentum' nor 'betas': momentum is not scheduled"]
+    mine = [w for w in caught if "momentum" in str(w.message)]
+    assert [str(w.message) for w in mine] == [
+        "Adagrad has neither 'momentum' nor 'betas': momentum is not scheduled"]
+    assert mine[0].filename == __file__  # the user's fit_one_cycle line, not lrfind's code
     assert learn.validate()["valid_loss"] < before
     assert learn.recorder.moms == [None] * 12
     assert learn.recorder.lrs[-1] == 0.3 / 1e5
