@@ -190,6 +190,11 @@ def test_real_divergence_stops_early():
     assert all(v is None or math.isfinite(v) for v in res.suggestions.values())
 
 
+# the finite points before the NaN, and the suggestions that have enough of them to answer:
+# 3 points are read whole (minimum and valley need 3); of 30, 20 are left after the skips
+ANSWERED = {1: (), 3: ("minimum", "valley"), 30: SUGGESTIONS}
+
+
 @pytest.mark.parametrize("k", [1, 3, 30])
 def test_stops_at_nan_and_suggestions_are_never_nan(k):
     rng = np.random.default_rng(0)
@@ -206,8 +211,9 @@ def test_stops_at_nan_and_suggestions_are_never_nan(k):
     assert math.isnan(res.raw_losses[-1]) and math.isnan(res.losses[-1])
     assert all(math.isfinite(v) for v in res.losses[:-1])
     assert set(res.suggestions) == set(SUGGESTIONS)
-    for v in res.suggestions.values():
+    for name, v in res.suggestions.items():
         assert v is None or (math.isfinite(v) and v > 0)
+        assert (v is not None) == (name in ANSWERED[k]), name
     assert all(p.isfinite().all() for p in learn.model.parameters())
     assert "nan" not in repr(res).lower()
 
