@@ -638,6 +638,44 @@ def test_sampler_epoch_is_restored():
     assert sampler.epoch == 0
 
 
+class HostNoise(torch.utils.data.Dataset):
+    """Augments every sample with numbers from the numpy and Python global RNGs."""
+
+    def __init__(self):
+        self.x, self.y = data()
+        self.draws = 0
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        self.draws += 1
+        return self.x[i] + 0.01 * (np.random.rand() + random.random()), self.y[i]
+
+
+def test_numpy_and_python_rngs_are_restored():
+    ds = HostNoise()
+    learn = make(dl=DataLoader(ds, batch_size=16))
+    np.random.seed(1)
+    random.seed(2)
+    before = np.random.get_state(), random.getstate()
+    learn.lr_find(num_it=10)
+    assert ds.draws == 160  # the sweep drew from both
+    assert same((np.random.get_state(), random.getstate()), before)
+
+
+def test_the_learners_progress_and_schedule_are_restored():
+    learn = make(valid_dl=loader(32))
+    learn.fit_one_cycle(2, 1e-2)
+    names = ("epoch", "n_epoch", "train_iter", "iter", "total_steps", "steps_per_epoch",
+             "valid_result", "sched_args", "fit_error")
+    before = {k: copy.deepcopy(getattr(learn, k)) for k in names}
+    assert before["epoch"] == 1 and before["n_epoch"] == 2 and before["total_steps"] == 8
+    assert before["sched_args"]["method"] == "one_cycle" and before["valid_result"]
+    learn.lr_find(num_it=10)
+    assert {k: getattr(learn, k) for k in names} == before
+
+
 def test_uninitialized_lazy_model_raises_a_clear_error():
     model = nn.Sequential(nn.LazyLinear(1))
     learn = make(model)
