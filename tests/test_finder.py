@@ -762,6 +762,32 @@ def test_only_callbacks_marked_in_lr_find_run_in_the_range_test(in_lr_find):
     assert (res.raw_losses != plain.raw_losses) == in_lr_find
 
 
+class CountsEvents(Callback):
+    """Counts the batches and validations it sees, also in the range test."""
+
+    in_lr_find = True
+
+    def __init__(self):
+        self.batches = self.validations = 0
+
+    def before_batch(self, learn):
+        self.batches += 1
+
+    def before_validate(self, learn):
+        self.validations += 1
+
+
+def test_no_validation_runs_during_the_range_test():
+    valid, counts = loader(32), CountsEvents()
+    learn = make(valid_dl=valid, cbs=[counts])
+    res = learn.lr_find(num_it=12, stop_div=False)  # 3 passes over 4 batches
+    assert len(res.lrs) == 12 and counts.batches == 12
+    assert counts.validations == 0
+    assert learn.valid_dl is valid
+    learn.fit(1)
+    assert counts.validations == 1
+
+
 # ---- the result object -----------------------------------------------------------------------
 
 
