@@ -822,6 +822,27 @@ def test_custom_suggestion_function():
     assert list(res.suggestions) == ["valley", "middle"]
 
 
+def test_suggestions_read_the_curve_without_its_first_tenth_and_last_5_points():
+    # beta=0: the smoothed losses are the scripted ones. A bowl lowest at step 25, and lower
+    # losses still in the first 5 (num_it // 10) and the last 5 steps, which are skipped
+    values = list(1 - 0.5 * np.exp(-(((np.arange(50) - 25) / 6) ** 2)))
+    values[:5] = values[45:] = [0.1] * 5
+    got = []
+
+    def lowest(lrs, losses):
+        got.append((lrs, losses))
+        return float(lrs[np.argmin(losses)])
+
+    learn = make(loss_func=None, compute_loss=scripted(values))
+    res = learn.lr_find(num_it=50, beta=0.0, stop_div=False, suggest_funcs=("minimum", lowest))
+    assert res.losses == pytest.approx(values, rel=1e-6) and len(got) == 1
+    lrs, losses = got[0]
+    assert isinstance(lrs, np.ndarray) and isinstance(losses, np.ndarray)
+    assert lrs.tolist() == res.lrs[5:45] and losses.tolist() == res.losses[5:45]
+    assert res.lowest == res.lrs[25]
+    assert res.minimum == pytest.approx(res.lrs[25] / 10, rel=0.05)
+
+
 @pytest.mark.parametrize(("name", "parent", "expected"), [
     (None, None, False), ("TerminalInteractiveShell", None, False),
     ("ZMQInteractiveShell", None, True), ("Shell", "ZMQInteractiveShell", True)])  # Colab's
