@@ -857,6 +857,28 @@ def test_in_notebook_knows_a_kernel_by_its_shell(monkeypatch, name, parent, expe
     assert in_notebook() is expected
 
 
+@pytest.mark.parametrize(("notebook", "show_plot", "main", "plots"), [
+    (True, True, True, True), (True, False, True, False), (False, True, True, False),
+    (True, True, False, False)])
+def test_show_plot_draws_the_curve_in_a_notebook_on_the_main_process(monkeypatch, notebook,
+                                                                     show_plot, main, plots):
+    drawn = []
+    plot = lrfind.LRFindResult.plot
+
+    def spy(self, *args, **kwargs):
+        drawn.append(plot(self, *args, **kwargs))
+        return drawn[-1]
+
+    monkeypatch.setattr(lrfind.LRFindResult, "plot", spy)
+    monkeypatch.setattr(lrfind.finder, "in_notebook", lambda: notebook)
+    learn = make()
+    learn.is_main = main
+    res = learn.lr_find(num_it=20, show_plot=show_plot)
+    assert len(drawn) == plots
+    if plots:  # the curve, and a marker for each suggestion
+        assert len(drawn[0].lines) == 1 + sum(v is not None for v in res.suggestions.values())
+
+
 def test_plot_headless_one_marker_per_suggestion():
     from matplotlib.axes import Axes
 
