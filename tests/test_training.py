@@ -532,7 +532,12 @@ def test_monitors_skip_an_epoch_cancelled_before_validation(tmp_path):
     assert stop.wait == 0 and best.best == learn.recorder.values[1]["valid_loss"]
 
 
-def test_non_finite_loss_stops_with_epoch_and_step(tmp_path):
+# The NaN comes at optimizer step 14 (batch 4 of epoch 1). The last good checkpoint: the end
+# of epoch 0, or, written every step, the one after step 13, with 14 steps and 4 batches done.
+@pytest.mark.parametrize(("every", "written"), [
+    ("epoch", {"epoch": 1, "train_iter": 10, "batches_done": 0}),
+    (1, {"epoch": 1, "train_iter": 14, "batches_done": 4})])
+def test_non_finite_loss_stops_with_epoch_and_step(tmp_path, every, written):
     learn = make_learner()
     steps = [0]
 
@@ -545,10 +550,12 @@ def test_non_finite_loss_stops_with_epoch_and_step(tmp_path):
 
     path = tmp_path / "ck.pt"
     with pytest.raises(FloatingPointError, match=r"epoch 1, optimizer step 14"):
-        learn.fit(3, 1e-2, cbs=[Poison(), Checkpoint(path)])
+        learn.fit(3, 1e-2, cbs=[Poison(), Checkpoint(path, every=every)])
     state = torch.load(path, weights_only=False)
-    assert state["epoch"] == 1  # the last good checkpoint: end of epoch 0
+    assert {k: state[k] for k in written} == written
     assert all(torch.isfinite(v).all() for v in state["model"].values())
+    losses = state["recorder"]["losses"]
+    assert len(losses) == written["train_iter"] and all(np.isfinite(losses))
 
 
 class PredDtypes(Callback):
