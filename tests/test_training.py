@@ -28,11 +28,12 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 import lrfind
 
-def make_learner(**kw):
+def make_learner(generator=None, **kw):
     torch.manual_seed(0)
     x = torch.randn(200, 8)
     y = (x[:, 0] + x[:, 1] > 0).long()
-    dl = DataLoader(TensorDataset(x[:160], y[:160]), batch_size=16, shuffle=True)
+    dl = DataLoader(TensorDataset(x[:160], y[:160]), batch_size=16, shuffle=True,
+                    generator=generator)
     valid = DataLoader(TensorDataset(x[160:], y[160:]), batch_size=40)
     model = nn.Sequential(nn.Linear(8, 16), nn.Dropout(0.1), nn.ReLU(), nn.Linear(16, 2))
     return lrfind.Learner(model, dl, valid, loss_func=F.cross_entropy, progress=False, **kw)
@@ -67,15 +68,19 @@ class StopAt(Callback):
             raise KeyboardInterrupt
 
 
+@pytest.mark.parametrize("own_generator", [False, True], ids=["global-rng", "own-generator"])
 @pytest.mark.parametrize("every", ["epoch", 7])
-def test_resume_is_bitwise_exact(tmp_path, every):
-    full = make_learner()
+def test_resume_is_bitwise_exact(tmp_path, every, own_generator):
+    def learner():
+        return make_learner(torch.Generator().manual_seed(5) if own_generator else None)
+
+    full = learner()
     full.fit_one_cycle(4, 1e-2)
     path = tmp_path / "ck.pt"
-    cut = make_learner()
+    cut = learner()
     with pytest.raises(KeyboardInterrupt):
         cut.fit_one_cycle(4, 1e-2, cbs=[Checkpoint(path, every=every), StopAt(1)])
-    resumed = make_learner()
+    resumed = learner()
     resumed.fit_one_cycle(4, 1e-2, resume_from=path)
     assert same(weights(full), weights(resumed))
     assert resumed.recorder.lrs == full.recorder.lrs
