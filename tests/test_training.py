@@ -603,6 +603,41 @@ def test_fp16_overflow_skips_step_without_advancing_schedule():
     assert len(res.lrs) == 20 and res.stop_reason == "num_it reached"  # skipped steps retried
 
 
+class OverflowAt(Callback):
+    """Makes the gradients of the n-th batch overflow (fp16), also in the range test."""
+
+    in_lr_find = True
+
+    def __init__(self, n: int) -> None:
+        self.n, self.batches = n, 0
+
+    def after_loss(self, learn: lrfind.Learner) -> None:
+        self.batches += 1
+        if self.batches == self.n:
+            learn.loss_grad = learn.loss * float("inf")
+
+
+def test_fp16_range_test_retries_the_lr_of_a_step_skipped_for_an_overflow():
+    overflow = OverflowAt(4)
+    learn = make_learner(precision="fp16", cbs=[overflow])
+    stepped = []  # the LR of every optimizer step taken
+    step = learn.opt.step
+
+    def spy(*args, **kwargs):
+        stepped.append(learn.opt.param_groups[-1]["lr"])
+        return step(*args, **kwargs)
+
+    learn.opt.step = spy
+    res = learn.lr_find(num_it=20, start_lr=1e-6, end_lr=1e-1, stop_div=False, show_plot=False)
+    grid = [1e-6 * 1e5 ** (k / 19) for k in range(20)]
+    assert res.stop_reason == "num_it reached"
+    assert overflow.batches == 21  # one batch more for the skipped step
+    assert res.lrs == pytest.approx(grid, rel=1e-12)
+    assert stepped == res.lrs  # batch 5 stepped at the LR batch 4 could not
+    assert len(res.raw_losses) == 20 and all(np.isfinite(res.raw_losses))
+    assert learn.scaler.get_scale() == 2.0**16  # the overflow's halving is undone
+
+
 def test_fp16_stops_at_a_non_finite_loss_as_fp32_does():
     class NaNLoss(Callback):
         def after_loss(self, learn):
