@@ -638,6 +638,25 @@ def test_fp16_range_test_retries_the_lr_of_a_step_skipped_for_an_overflow():
     assert learn.scaler.get_scale() == 2.0**16  # the overflow's halving is undone
 
 
+class GradNorm(Callback):
+    """The global norm of the gradients each optimizer step used."""
+
+    def __init__(self) -> None:
+        self.norms: list[float] = []
+
+    def after_step(self, learn: lrfind.Learner) -> None:
+        grads = [p.grad.flatten() for p in learn.model.parameters() if p.grad is not None]
+        self.norms.append(torch.cat(grads).norm().item())
+
+
+def test_fp16_clips_the_unscaled_gradients():
+    # every gradient norm of this task is well above 0.01: each step is clipped to it
+    norms = GradNorm()
+    make_learner(precision="fp16", clip_grad=0.01).fit(1, 1e-2, cbs=[norms])
+    assert len(norms.norms) == 10
+    assert norms.norms == pytest.approx([0.01] * 10, rel=1e-4)
+
+
 def test_fp16_stops_at_a_non_finite_loss_as_fp32_does():
     class NaNLoss(Callback):
         def after_loss(self, learn):
