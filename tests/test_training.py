@@ -708,6 +708,27 @@ def test_lr_find_counts_optimizer_steps_under_accumulation():
     assert len(res.lrs) == 30 and batches.n == 100
 
 
+def test_a_distributed_sampler_shuffles_anew_every_epoch():
+    from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+
+    ds = TensorDataset(torch.randn(64, 4), torch.arange(64))
+    sampler = DistributedSampler(ds, num_replicas=1, rank=0, shuffle=True, seed=3)
+    seen: list[int] = []
+
+    class Spy(Callback):
+        def before_batch(self, learn: lrfind.Learner) -> None:
+            seen.extend(learn.batch[1].tolist())
+
+    learn = lrfind.Learner(nn.Linear(4, 1), DataLoader(ds, batch_size=16, sampler=sampler),
+                           compute_loss=lambda m, b: m(b[0]).pow(2).mean(), progress=False)
+    learn.fit(3, 1e-3, cbs=[Spy()])
+    orders = [seen[:64], seen[64:128], seen[128:]]
+    # the sampler's order for epoch e: a permutation seeded with seed + e (set_epoch(e))
+    assert orders == [torch.randperm(64, generator=torch.Generator().manual_seed(3 + e)).tolist()
+                      for e in range(3)]
+    assert orders[0] != orders[1] != orders[2]
+
+
 DDP_SCRIPT = """
 import json, os, sys
 import torch, torch.nn.functional as F
@@ -805,8 +826,11 @@ def test_two_processes_on_cpu(tmp_path):
     assert r0["losses"] == r1["losses"]  # averaged across processes
     # each process saw half of the data every epoch, and the halves do not overlap
     assert len(r0["seen"]) == len(r1["seen"]) == 256
-    assert set(r0["seen"][:128]).isdisjoint(r1["seen"][:128])
-    assert set(r0["seen"][:128]) | set(r1["seen"][:128]) == set(range(256))
+    for epoch in (r0["seen"][:128], r1["seen"][:128]), (r0["seen"][128:], r1["seen"][128:]):
+        assert set(epoch[0]).isdisjoint(epoch[1])
+        assert set(epoch[0]) | set(epoch[1]) == set(range(256))
+    # a new shuffle each epoch (set_epoch)
+    assert r0["seen"][:128] != r0["seen"][128:] and r1["seen"][:128] != r1["seen"][128:]
     assert r0["frozen_kept"] and r1["frozen_kept"]  # freeze under DDP, then fine_tune
     assert r0["tuned"] == r1["tuned"] and r0["tuned"] != r0["w"]
     assert r0["own_kept"] and r1["own_kept"]  # standalone lr_find: each its own weights back
