@@ -1071,6 +1071,19 @@ def test_progress_true_prints_a_table_with_metric_names(capsys):
     assert float(rows[1][3]) == pytest.approx(learn.recorder.values[1]["mae"], abs=1e-6)
 
 
+def test_a_process_other_than_rank_0_prints_nothing(capsys, monkeypatch):
+    monkeypatch.setattr("lrfind.learner.init_distributed", lambda device: (1, 1))  # rank 1
+    learn = make(metrics=[mae], progress=True)
+    assert learn.rank == 1 and not learn.is_main
+    learn.fit(2, lr=0.05)
+    learn.print("a line")
+    out = capsys.readouterr()
+    assert out.out == "" and out.err == ""  # no table, no line, no bars
+    learn.is_main = True
+    learn.print("a line")
+    assert capsys.readouterr().out == "a line\n"
+
+
 def test_plots_are_headless_and_return_axes():
     from matplotlib.axes import Axes
 
