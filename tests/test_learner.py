@@ -179,6 +179,34 @@ def test_one_cycle_custom_div_and_pct_start_endpoints():
     assert [s["lr"] for s in seen] == pytest.approx(expected, rel=1e-12)
 
 
+class ThreeBetas(torch.optim.Optimizer):
+    """An optimizer with three betas (as Adan has) that records them at every step; steps as
+    plain SGD."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.92, 0.99)):
+        super().__init__(params, {"lr": lr, "betas": betas})
+        self.seen = []
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        self.seen.append(tuple(self.param_groups[0]["betas"]))
+        for g in self.param_groups:
+            for p in g["params"]:
+                if p.grad is not None:
+                    p.add_(p.grad, alpha=-g["lr"])
+
+
+def test_one_cycle_schedules_the_first_of_three_betas_and_keeps_the_others():
+    learn = make(opt_func=ThreeBetas)
+    learn.fit_one_cycle(3, 0.05)
+    seen, n = learn.opt.seen, len(learn.opt.seen)
+    m = schedules.one_cycle_moms((0.95, 0.85, 0.95))
+    assert n == 12
+    assert [b[0] for b in seen] == [m(i / (n - 1)) for i in range(n)] == learn.recorder.moms
+    assert all(b[1:] == (0.92, 0.99) for b in seen)
+    assert learn.opt.param_groups[0]["betas"][1:] == (0.92, 0.99)
+
+
 def test_warmup_cosine_follows_its_schedule_at_every_step():
     learn = make(opt_func=sgd_mom)
     learn.fit_warmup_cosine(2, 0.3, warmup_pct=0.25, div=10.0, div_final=100.0)
