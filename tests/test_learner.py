@@ -277,6 +277,31 @@ def test_fit_sets_lr_once_and_a_callback_change_is_kept():
     assert [s[0]["lr"] for s in learn.opt.seen] == [1e-3] * 4
 
 
+def test_smooth_losses_are_the_debiased_ema_of_the_losses():
+    learn = make()
+    learn.fit(3, lr=0.05)
+    losses = learn.recorder.losses
+    avg, expected = 0.0, []
+    for k, v in enumerate(losses, start=1):
+        avg = 0.98 * avg + 0.02 * v
+        expected.append(avg / (1 - 0.98**k))
+    assert len(losses) == 12 and expected[0] == pytest.approx(losses[0], rel=1e-12)
+    assert learn.recorder.smooth_losses == pytest.approx(expected, rel=1e-12)
+
+
+def test_wd_is_written_into_every_parameter_group():
+    def wds(learn):
+        return [g["weight_decay"] for g in learn.opt.param_groups]
+
+    assert wds(make(two_layer(), splitter=split2)) == [0.01, 0.01]  # AdamW's own
+    learn = make(two_layer(), splitter=split2, wd=0.1)
+    assert wds(learn) == [0.1, 0.1]
+    learn.fit(1, wd=0.2)
+    assert wds(learn) == [0.2, 0.2]
+    learn.fit_one_cycle(1)  # no wd: left as it is
+    assert wds(learn) == [0.2, 0.2]
+
+
 # ---- torch schedulers ------------------------------------------------------------------------
 
 
