@@ -191,6 +191,11 @@ def test_real_divergence_stops_early():
     assert all(v is None or math.isfinite(v) for v in res.suggestions.values())
 
 
+# the finite points before the NaN, and the suggestions that have enough of them to answer:
+# 3 points are read whole (minimum and valley need 3); of 30, 20 are left after the skips
+ANSWERED = {1: (), 3: ("minimum", "valley"), 30: SUGGESTIONS}
+
+
 @pytest.mark.parametrize("k", [1, 3, 30])
 def test_stops_at_nan_and_suggestions_are_never_nan(k):
     rng = np.random.default_rng(0)
@@ -207,8 +212,9 @@ def test_stops_at_nan_and_suggestions_are_never_nan(k):
     assert math.isnan(res.raw_losses[-1]) and math.isnan(res.losses[-1])
     assert all(math.isfinite(v) for v in res.losses[:-1])
     assert set(res.suggestions) == set(SUGGESTIONS)
-    for v in res.suggestions.values():
+    for name, v in res.suggestions.items():
         assert v is None or (math.isfinite(v) and v > 0)
+        assert (v is not None) == (name in ANSWERED[k]), name
     assert all(p.isfinite().all() for p in learn.model.parameters())
     assert "nan" not in repr(res).lower()
 
@@ -633,6 +639,44 @@ def test_sampler_epoch_is_restored():
     assert sampler.epoch == 0
 
 
+class HostNoise(torch.utils.data.Dataset):
+    """Augments every sample with numbers from the numpy and Python global RNGs."""
+
+    def __init__(self):
+        self.x, self.y = data()
+        self.draws = 0
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        self.draws += 1
+        return self.x[i] + 0.01 * (np.random.rand() + random.random()), self.y[i]
+
+
+def test_numpy_and_python_rngs_are_restored():
+    ds = HostNoise()
+    learn = make(dl=DataLoader(ds, batch_size=16))
+    np.random.seed(1)
+    random.seed(2)
+    before = np.random.get_state(), random.getstate()
+    learn.lr_find(num_it=10)
+    assert ds.draws == 160  # the sweep drew from both
+    assert same((np.random.get_state(), random.getstate()), before)
+
+
+def test_the_learners_progress_and_schedule_are_restored():
+    learn = make(valid_dl=loader(32))
+    learn.fit_one_cycle(2, 1e-2)
+    names = ("epoch", "n_epoch", "train_iter", "iter", "total_steps", "steps_per_epoch",
+             "valid_result", "sched_args", "fit_error")
+    before = {k: copy.deepcopy(getattr(learn, k)) for k in names}
+    assert before["epoch"] == 1 and before["n_epoch"] == 2 and before["total_steps"] == 8
+    assert before["sched_args"]["method"] == "one_cycle" and before["valid_result"]
+    learn.lr_find(num_it=10)
+    assert {k: getattr(learn, k) for k in names} == before
+
+
 def test_uninitialized_lazy_model_raises_a_clear_error():
     model = nn.Sequential(nn.LazyLinear(1))
     learn = make(model)
@@ -719,6 +763,32 @@ def test_only_callbacks_marked_in_lr_find_run_in_the_range_test(in_lr_find):
     assert (res.raw_losses != plain.raw_losses) == in_lr_find
 
 
+class CountsEvents(Callback):
+    """Counts the batches and validations it sees, also in the range test."""
+
+    in_lr_find = True
+
+    def __init__(self):
+        self.batches = self.validations = 0
+
+    def before_batch(self, learn):
+        self.batches += 1
+
+    def before_validate(self, learn):
+        self.validations += 1
+
+
+def test_no_validation_runs_during_the_range_test():
+    valid, counts = loader(32), CountsEvents()
+    learn = make(valid_dl=valid, cbs=[counts])
+    res = learn.lr_find(num_it=12, stop_div=False)  # 3 passes over 4 batches
+    assert len(res.lrs) == 12 and counts.batches == 12
+    assert counts.validations == 0
+    assert learn.valid_dl is valid
+    learn.fit(1)
+    assert counts.validations == 1
+
+
 # ---- the result object -----------------------------------------------------------------------
 
 
@@ -753,6 +823,27 @@ def test_custom_suggestion_function():
     assert list(res.suggestions) == ["valley", "middle"]
 
 
+def test_suggestions_read_the_curve_without_its_first_tenth_and_last_5_points():
+    # beta=0: the smoothed losses are the scripted ones. A bowl lowest at step 25, and lower
+    # losses still in the first 5 (num_it // 10) and the last 5 steps, which are skipped
+    values = list(1 - 0.5 * np.exp(-(((np.arange(50) - 25) / 6) ** 2)))
+    values[:5] = values[45:] = [0.1] * 5
+    got = []
+
+    def lowest(lrs, losses):
+        got.append((lrs, losses))
+        return float(lrs[np.argmin(losses)])
+
+    learn = make(loss_func=None, compute_loss=scripted(values))
+    res = learn.lr_find(num_it=50, beta=0.0, stop_div=False, suggest_funcs=("minimum", lowest))
+    assert res.losses == pytest.approx(values, rel=1e-6) and len(got) == 1
+    lrs, losses = got[0]
+    assert isinstance(lrs, np.ndarray) and isinstance(losses, np.ndarray)
+    assert lrs.tolist() == res.lrs[5:45] and losses.tolist() == res.losses[5:45]
+    assert res.lowest == res.lrs[25]
+    assert res.minimum == pytest.approx(res.lrs[25] / 10, rel=0.05)
+
+
 @pytest.mark.parametrize(("name", "parent", "expected"), [
     (None, None, False), ("TerminalInteractiveShell", None, False),
     ("ZMQInteractiveShell", None, True), ("Shell", "ZMQInteractiveShell", True)])  # Colab's
@@ -765,6 +856,28 @@ def test_in_notebook_knows_a_kernel_by_its_shell(monkeypatch, name, parent, expe
         shell = type(name, (base,), {})()
     monkeypatch.setitem(sys.modules, "IPython", types.SimpleNamespace(get_ipython=lambda: shell))
     assert in_notebook() is expected
+
+
+@pytest.mark.parametrize(("notebook", "show_plot", "main", "plots"), [
+    (True, True, True, True), (True, False, True, False), (False, True, True, False),
+    (True, True, False, False)])
+def test_show_plot_draws_the_curve_in_a_notebook_on_the_main_process(monkeypatch, notebook,
+                                                                     show_plot, main, plots):
+    drawn = []
+    plot = lrfind.LRFindResult.plot
+
+    def spy(self, *args, **kwargs):
+        drawn.append(plot(self, *args, **kwargs))
+        return drawn[-1]
+
+    monkeypatch.setattr(lrfind.LRFindResult, "plot", spy)
+    monkeypatch.setattr(lrfind.finder, "in_notebook", lambda: notebook)
+    learn = make()
+    learn.is_main = main
+    res = learn.lr_find(num_it=20, show_plot=show_plot)
+    assert len(drawn) == plots
+    if plots:  # the curve, and a marker for each suggestion
+        assert len(drawn[0].lines) == 1 + sum(v is not None for v in res.suggestions.values())
 
 
 def test_plot_headless_one_marker_per_suggestion():

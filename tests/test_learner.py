@@ -179,6 +179,34 @@ def test_one_cycle_custom_div_and_pct_start_endpoints():
     assert [s["lr"] for s in seen] == pytest.approx(expected, rel=1e-12)
 
 
+class ThreeBetas(torch.optim.Optimizer):
+    """An optimizer with three betas (as Adan has) that records them at every step; steps as
+    plain SGD."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.92, 0.99)):
+        super().__init__(params, {"lr": lr, "betas": betas})
+        self.seen = []
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        self.seen.append(tuple(self.param_groups[0]["betas"]))
+        for g in self.param_groups:
+            for p in g["params"]:
+                if p.grad is not None:
+                    p.add_(p.grad, alpha=-g["lr"])
+
+
+def test_one_cycle_schedules_the_first_of_three_betas_and_keeps_the_others():
+    learn = make(opt_func=ThreeBetas)
+    learn.fit_one_cycle(3, 0.05)
+    seen, n = learn.opt.seen, len(learn.opt.seen)
+    m = schedules.one_cycle_moms((0.95, 0.85, 0.95))
+    assert n == 12
+    assert [b[0] for b in seen] == [m(i / (n - 1)) for i in range(n)] == learn.recorder.moms
+    assert all(b[1:] == (0.92, 0.99) for b in seen)
+    assert learn.opt.param_groups[0]["betas"][1:] == (0.92, 0.99)
+
+
 def test_warmup_cosine_follows_its_schedule_at_every_step():
     learn = make(opt_func=sgd_mom)
     learn.fit_warmup_cosine(2, 0.3, warmup_pct=0.25, div=10.0, div_final=100.0)
@@ -247,6 +275,31 @@ def test_fit_sets_lr_once_and_a_callback_change_is_kept():
     learn.opt.seen.clear()
     learn.fit(1)  # no lr given: the learner's lr
     assert [s[0]["lr"] for s in learn.opt.seen] == [1e-3] * 4
+
+
+def test_smooth_losses_are_the_debiased_ema_of_the_losses():
+    learn = make()
+    learn.fit(3, lr=0.05)
+    losses = learn.recorder.losses
+    avg, expected = 0.0, []
+    for k, v in enumerate(losses, start=1):
+        avg = 0.98 * avg + 0.02 * v
+        expected.append(avg / (1 - 0.98**k))
+    assert len(losses) == 12 and expected[0] == pytest.approx(losses[0], rel=1e-12)
+    assert learn.recorder.smooth_losses == pytest.approx(expected, rel=1e-12)
+
+
+def test_wd_is_written_into_every_parameter_group():
+    def wds(learn):
+        return [g["weight_decay"] for g in learn.opt.param_groups]
+
+    assert wds(make(two_layer(), splitter=split2)) == [0.01, 0.01]  # AdamW's own
+    learn = make(two_layer(), splitter=split2, wd=0.1)
+    assert wds(learn) == [0.1, 0.1]
+    learn.fit(1, wd=0.2)
+    assert wds(learn) == [0.2, 0.2]
+    learn.fit_one_cycle(1)  # no wd: left as it is
+    assert wds(learn) == [0.2, 0.2]
 
 
 # ---- torch schedulers ------------------------------------------------------------------------
@@ -1071,6 +1124,19 @@ def test_progress_true_prints_a_table_with_metric_names(capsys):
     assert [r[0] for r in rows] == ["0", "1"]
     assert float(rows[1][2]) == pytest.approx(learn.recorder.values[1]["valid_loss"], abs=1e-6)
     assert float(rows[1][3]) == pytest.approx(learn.recorder.values[1]["mae"], abs=1e-6)
+
+
+def test_a_process_other_than_rank_0_prints_nothing(capsys, monkeypatch):
+    monkeypatch.setattr("lrfind.learner.init_distributed", lambda device: (1, 1))  # rank 1
+    learn = make(metrics=[mae], progress=True)
+    assert learn.rank == 1 and not learn.is_main
+    learn.fit(2, lr=0.05)
+    learn.print("a line")
+    out = capsys.readouterr()
+    assert out.out == "" and out.err == ""  # no table, no line, no bars
+    learn.is_main = True
+    learn.print("a line")
+    assert capsys.readouterr().out == "a line\n"
 
 
 def test_plots_are_headless_and_return_axes():

@@ -41,3 +41,7 @@ def test_notebook_runs(path, monkeypatch):
     assert not any(o.output_type == "error" for o in outputs)
     stderr = "".join(o.text for o in outputs if o.output_type == "stream" and o.name == "stderr")
     assert "Traceback" not in stderr
+    # a range test in a notebook draws its curve, unless told not to
+    for cell in (c for c in nb.cells if c.cell_type == "code" and "lr_find(" in c.source):
+        drawn = any("image/png" in o.get("data", {}) for o in cell.outputs)
+        assert drawn == ("show_plot=False" not in cell.source), cell.source

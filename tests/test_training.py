@@ -29,11 +29,12 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 import lrfind
 
-def make_learner(**kw):
+def make_learner(generator=None, **kw):
     torch.manual_seed(0)
     x = torch.randn(200, 8)
     y = (x[:, 0] + x[:, 1] > 0).long()
-    dl = DataLoader(TensorDataset(x[:160], y[:160]), batch_size=16, shuffle=True)
+    dl = DataLoader(TensorDataset(x[:160], y[:160]), batch_size=16, shuffle=True,
+                    generator=generator)
     valid = DataLoader(TensorDataset(x[160:], y[160:]), batch_size=40)
     model = nn.Sequential(nn.Linear(8, 16), nn.Dropout(0.1), nn.ReLU(), nn.Linear(16, 2))
     return lrfind.Learner(model, dl, valid, loss_func=F.cross_entropy, progress=False, **kw)
@@ -68,15 +69,19 @@ class StopAt(Callback):
             raise KeyboardInterrupt
 
 
+@pytest.mark.parametrize("own_generator", [False, True], ids=["global-rng", "own-generator"])
 @pytest.mark.parametrize("every", ["epoch", 7])
-def test_resume_is_bitwise_exact(tmp_path, every):
-    full = make_learner()
+def test_resume_is_bitwise_exact(tmp_path, every, own_generator):
+    def learner():
+        return make_learner(torch.Generator().manual_seed(5) if own_generator else None)
+
+    full = learner()
     full.fit_one_cycle(4, 1e-2)
     path = tmp_path / "ck.pt"
-    cut = make_learner()
+    cut = learner()
     with pytest.raises(KeyboardInterrupt):
         cut.fit_one_cycle(4, 1e-2, cbs=[Checkpoint(path, every=every), StopAt(1)])
-    resumed = make_learner()
+    resumed = learner()
     resumed.fit_one_cycle(4, 1e-2, resume_from=path)
     assert same(weights(full), weights(resumed))
     assert resumed.recorder.lrs == full.recorder.lrs
@@ -535,7 +540,12 @@ def test_monitors_skip_an_epoch_cancelled_before_validation(tmp_path):
     assert stop.wait == 0 and best.best == learn.recorder.values[1]["valid_loss"]
 
 
-def test_non_finite_loss_stops_with_epoch_and_step(tmp_path):
+# The NaN comes at optimizer step 14 (batch 4 of epoch 1). The last good checkpoint: the end
+# of epoch 0, or, written every step, the one after step 13, with 14 steps and 4 batches done.
+@pytest.mark.parametrize(("every", "written"), [
+    ("epoch", {"epoch": 1, "train_iter": 10, "batches_done": 0}),
+    (1, {"epoch": 1, "train_iter": 14, "batches_done": 4})])
+def test_non_finite_loss_stops_with_epoch_and_step(tmp_path, every, written):
     learn = make_learner()
     steps = [0]
 
@@ -548,10 +558,12 @@ def test_non_finite_loss_stops_with_epoch_and_step(tmp_path):
 
     path = tmp_path / "ck.pt"
     with pytest.raises(FloatingPointError, match=r"epoch 1, optimizer step 14"):
-        learn.fit(3, 1e-2, cbs=[Poison(), Checkpoint(path)])
+        learn.fit(3, 1e-2, cbs=[Poison(), Checkpoint(path, every=every)])
     state = torch.load(path, weights_only=False)
-    assert state["epoch"] == 1  # the last good checkpoint: end of epoch 0
+    assert {k: state[k] for k in written} == written
     assert all(torch.isfinite(v).all() for v in state["model"].values())
+    losses = state["recorder"]["losses"]
+    assert len(losses) == written["train_iter"] and all(np.isfinite(losses))
 
 
 class PredDtypes(Callback):
@@ -592,6 +604,60 @@ def test_fp16_overflow_skips_step_without_advancing_schedule():
     assert rec.lrs == pytest.approx(expected, rel=1e-12)
     res = make_learner(precision="fp16").lr_find(num_it=20, stop_div=False, show_plot=False)
     assert len(res.lrs) == 20 and res.stop_reason == "num_it reached"  # skipped steps retried
+
+
+class OverflowAt(Callback):
+    """Makes the gradients of the n-th batch overflow (fp16), also in the range test."""
+
+    in_lr_find = True
+
+    def __init__(self, n: int) -> None:
+        self.n, self.batches = n, 0
+
+    def after_loss(self, learn: lrfind.Learner) -> None:
+        self.batches += 1
+        if self.batches == self.n:
+            learn.loss_grad = learn.loss * float("inf")
+
+
+def test_fp16_range_test_retries_the_lr_of_a_step_skipped_for_an_overflow():
+    overflow = OverflowAt(4)
+    learn = make_learner(precision="fp16", cbs=[overflow])
+    stepped = []  # the LR of every optimizer step taken
+    step = learn.opt.step
+
+    def spy(*args, **kwargs):
+        stepped.append(learn.opt.param_groups[-1]["lr"])
+        return step(*args, **kwargs)
+
+    learn.opt.step = spy
+    res = learn.lr_find(num_it=20, start_lr=1e-6, end_lr=1e-1, stop_div=False, show_plot=False)
+    grid = [1e-6 * 1e5 ** (k / 19) for k in range(20)]
+    assert res.stop_reason == "num_it reached"
+    assert overflow.batches == 21  # one batch more for the skipped step
+    assert res.lrs == pytest.approx(grid, rel=1e-12)
+    assert stepped == res.lrs  # batch 5 stepped at the LR batch 4 could not
+    assert len(res.raw_losses) == 20 and all(np.isfinite(res.raw_losses))
+    assert learn.scaler.get_scale() == 2.0**16  # the overflow's halving is undone
+
+
+class GradNorm(Callback):
+    """The global norm of the gradients each optimizer step used."""
+
+    def __init__(self) -> None:
+        self.norms: list[float] = []
+
+    def after_step(self, learn: lrfind.Learner) -> None:
+        grads = [p.grad.flatten() for p in learn.model.parameters() if p.grad is not None]
+        self.norms.append(torch.cat(grads).norm().item())
+
+
+def test_fp16_clips_the_unscaled_gradients():
+    # every gradient norm of this task is well above 0.01: each step is clipped to it
+    norms = GradNorm()
+    make_learner(precision="fp16", clip_grad=0.01).fit(1, 1e-2, cbs=[norms])
+    assert len(norms.norms) == 10
+    assert norms.norms == pytest.approx([0.01] * 10, rel=1e-4)
 
 
 def test_fp16_stops_at_a_non_finite_loss_as_fp32_does():
@@ -643,6 +709,27 @@ def test_lr_find_counts_optimizer_steps_under_accumulation():
     res = learn.lr_find(num_it=30, stop_div=False, show_plot=False)
     # 10 batches an epoch make 3 steps (4 + 4 + 2 batches): 30 steps take 10 epochs
     assert len(res.lrs) == 30 and batches.n == 100
+
+
+def test_a_distributed_sampler_shuffles_anew_every_epoch():
+    from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+
+    ds = TensorDataset(torch.randn(64, 4), torch.arange(64))
+    sampler = DistributedSampler(ds, num_replicas=1, rank=0, shuffle=True, seed=3)
+    seen: list[int] = []
+
+    class Spy(Callback):
+        def before_batch(self, learn: lrfind.Learner) -> None:
+            seen.extend(learn.batch[1].tolist())
+
+    learn = lrfind.Learner(nn.Linear(4, 1), DataLoader(ds, batch_size=16, sampler=sampler),
+                           compute_loss=lambda m, b: m(b[0]).pow(2).mean(), progress=False)
+    learn.fit(3, 1e-3, cbs=[Spy()])
+    orders = [seen[:64], seen[64:128], seen[128:]]
+    # the sampler's order for epoch e: a permutation seeded with seed + e (set_epoch(e))
+    assert orders == [torch.randperm(64, generator=torch.Generator().manual_seed(3 + e)).tolist()
+                      for e in range(3)]
+    assert orders[0] != orders[1] != orders[2]
 
 
 DDP_SCRIPT = """
@@ -742,8 +829,11 @@ def test_two_processes_on_cpu(tmp_path):
     assert r0["losses"] == r1["losses"]  # averaged across processes
     # each process saw half of the data every epoch, and the halves do not overlap
     assert len(r0["seen"]) == len(r1["seen"]) == 256
-    assert set(r0["seen"][:128]).isdisjoint(r1["seen"][:128])
-    assert set(r0["seen"][:128]) | set(r1["seen"][:128]) == set(range(256))
+    for epoch in (r0["seen"][:128], r1["seen"][:128]), (r0["seen"][128:], r1["seen"][128:]):
+        assert set(epoch[0]).isdisjoint(epoch[1])
+        assert set(epoch[0]) | set(epoch[1]) == set(range(256))
+    # a new shuffle each epoch (set_epoch)
+    assert r0["seen"][:128] != r0["seen"][128:] and r1["seen"][:128] != r1["seen"][128:]
     assert r0["frozen_kept"] and r1["frozen_kept"]  # freeze under DDP, then fine_tune
     assert r0["tuned"] == r1["tuned"] and r0["tuned"] != r0["w"]
     assert r0["own_kept"] and r1["own_kept"]  # standalone lr_find: each its own weights back
