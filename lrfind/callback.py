@@ -166,7 +166,7 @@ class ParamScheduler(Callback):
                                  f"group), got {len(fns)}")
             if name == "mom" and any(momentum_key(g) is None for g in groups):
                 warn(f"{type(learn.opt).__name__} has neither 'momentum' nor 'betas': "
-                              "momentum is not scheduled")
+                     "momentum is not scheduled")
                 continue
             if name == "mom":
                 _momentum_buffers(learn.opt)

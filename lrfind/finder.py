@@ -329,12 +329,12 @@ def learner_lr_find(learn: Learner, start_lr: float = 1e-7, end_lr: float = 10.0
     funcs = check_args(start_lr, end_lr, num_it, stop_div, div_th, beta, mode, suggest_funcs)
     if mode == "linear" and end_lr > 100 * start_lr:
         warn(f"mode='linear' from {start_lr:g} to {end_lr:g} spends nine tenths of the "
-                      "sweep in its top decade, and the suggestions skip the first tenth: use "
-                      "mode='exp' for more than two decades")
+             "sweep in its top decade, and the suggestions skip the first tenth: use "
+             "mode='exp' for more than two decades")
     if isinstance(learn.opt, torch.optim.Rprop):
         warn("Rprop takes lr only as each weight's first step size and adapts it "
-                      "from the signs of the gradients: the range test's curve says little "
-                      "about the LR")
+             "from the signs of the gradients: the range test's curve says little "
+             "about the LR")
     if mode == "exp":
         grid = [start_lr * (end_lr / start_lr) ** (k / (num_it - 1)) for k in range(num_it)]
     else:
