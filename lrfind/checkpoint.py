@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import numbers
 import os
 import re
 from typing import TYPE_CHECKING, Any
@@ -170,9 +169,12 @@ class Checkpoint(Callback):
     order = 100  # last: the file holds what every other callback made of the batch or epoch
 
     def __init__(self, path: str | os.PathLike, every: str | int = "epoch") -> None:
-        if every != "epoch" and (isinstance(every, (bool, str))
-                                 or not isinstance(every, numbers.Integral) or every < 1):
-            raise ValueError(f"every must be 'epoch' or an integer >= 1, got {every!r}")
+        if every != "epoch":
+            try:
+                check_int("every", every)
+            except ValueError:
+                raise ValueError(f"every must be 'epoch' or an integer >= 1, "
+                                 f"got {every!r}") from None
         self.path, self.every = check_path("path", path), every
 
     def _save(self, learn: Learner, mid_epoch: bool) -> None:
