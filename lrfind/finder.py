@@ -24,6 +24,7 @@ from torch.nn.parameter import is_lazy
 from .callback import Callback, CancelFitException, set_lr
 from .learner import Learner
 from .plots import in_notebook, new_axes
+from .progress import bar
 from .suggest import SUGGESTIONS, suggestion_input
 from .utils import (
     check_int,
@@ -236,9 +237,7 @@ class RangeTest(Callback):
         self.avg, self.best = 0.0, math.inf
         self.bar = None
         if learn.progress and learn.is_main:
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(total=len(self.grid), desc="lr_find", leave=False)
+            self.bar = bar(len(self.grid), "lr_find")
 
     def before_train(self, learn: Learner) -> None:
         self.fed = False

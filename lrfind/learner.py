@@ -106,6 +106,8 @@ class Learner:
     The optimizer is ``opt_func(param_groups, lr=lr)`` over the groups of ``splitter(model)``
     (default: one group). Defaults: AdamW, lr=1e-3, moms=(0.95, 0.85, 0.95), precision "32",
     accum_steps=1, no clipping, train_bn=True (normalisation layers stay trainable when frozen).
+    ``progress=True`` (default) prints a table row per epoch, with tqdm bars in a terminal or
+    a notebook (none when stderr is a file or a pipe, as in a log).
     """
 
     def __init__(self, model: nn.Module, train_dl: Any, valid_dl: Any = None, *,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .callback import Callback
 
@@ -11,6 +11,18 @@ if TYPE_CHECKING:
     from .learner import Learner
 
 REFRESH = 0.1  # seconds between bar updates: each update reads the loss (a device sync)
+
+
+def bar(total: int, desc: str, show: bool = True, **kwargs: Any) -> Any:
+    """A tqdm bar that shows in a terminal or a notebook, not when stderr is a file or a pipe.
+
+    Written to a log, a bar's carriage-return updates pile up as one garbled line per
+    refresh; tqdm's ``disable=None`` turns the bar off there (the epoch table still prints).
+    """
+    # Imported here: tqdm.auto warns in notebooks without ipywidgets, even with no bar shown
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, leave=False, disable=None if show else True, **kwargs)
 
 
 def format_row(row: dict, names: list[str]) -> str:
@@ -36,22 +48,15 @@ class ProgressCallback(Callback):
     order = 60
 
     def before_fit(self, learn: Learner) -> None:
-        # Imported here: tqdm.auto warns in notebooks without ipywidgets, even with no bar shown
-        from tqdm.auto import tqdm
-
         self.names = ["epoch", "train_loss"]
         if learn.valid_dl is not None:
             self.names += ["valid_loss", *learn.metric_names]
         self.names.append("time")
         self.header = False
-        self.epochs = tqdm(total=learn.n_epoch, initial=learn.epoch, desc="epoch",
-                           disable=not learn.is_main, leave=False)
+        self.epochs = bar(learn.n_epoch, "epoch", learn.is_main, initial=learn.epoch)
 
     def before_train(self, learn: Learner) -> None:
-        from tqdm.auto import tqdm
-
-        self.bar = tqdm(total=len(learn.train_dl), desc="train", leave=False,
-                        disable=not learn.is_main)
+        self.bar = bar(len(learn.train_dl), "train", learn.is_main)
         self.last = time.monotonic()
 
     def after_batch(self, learn: Learner) -> None:

@@ -67,7 +67,8 @@ def run(capsys, *args):
     return code, out, err
 
 
-def test_demo_end_to_end(tmp_path, capsys):
+def test_demo_end_to_end(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)  # bars would show but for --quiet
     out = tmp_path / "demo"
     code, stdout, stderr = run(capsys, "demo", "--quiet", "--epochs", 2, "--out", out)
     assert code == 0
@@ -119,7 +120,8 @@ def test_find_module_target(task, monkeypatch, capsys):
     assert "task" in sys.modules
 
 
-def test_find_shows_bars_unless_quiet(task, capsys):
+def test_find_shows_bars_unless_quiet(task, capsys, monkeypatch):
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)  # capsys's stream, as a terminal
     code, _, stderr = run(capsys, "find", f"{task}:make", "--num-it", 20)
     assert code == 0
     assert "lr_find" in stderr  # the learner was built with progress on: the bar is shown

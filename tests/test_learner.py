@@ -1126,8 +1126,21 @@ def test_progress_true_prints_a_table_with_metric_names(capsys):
     assert float(rows[1][3]) == pytest.approx(learn.recorder.values[1]["mae"], abs=1e-6)
 
 
+@pytest.mark.parametrize("terminal", [False, True])
+def test_bars_show_on_a_terminal_only(terminal, capsys, monkeypatch):
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: terminal)  # capsys's stream
+    learn = make(metrics=[mae], progress=True)
+    learn.lr_find(num_it=20)
+    learn.fit(2, lr=0.05)
+    out = capsys.readouterr()
+    assert out.out.split()[:2] == ["epoch", "train_loss"]  # the table prints either way
+    bars = ("lr_find", "epoch:", "train:")
+    assert [b in out.err for b in bars] == [terminal] * 3  # a log file gets no bar lines
+
+
 def test_a_process_other_than_rank_0_prints_nothing(capsys, monkeypatch):
     monkeypatch.setattr("lrfind.learner.init_distributed", lambda device: (1, 1))  # rank 1
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)  # bars would show on rank 0
     learn = make(metrics=[mae], progress=True)
     assert learn.rank == 1 and not learn.is_main
     learn.fit(2, lr=0.05)
