@@ -66,19 +66,44 @@ class Callback:
     order: int = 0
     in_lr_find: bool = False
 
-    def before_fit(self, learn: Learner) -> None: ...
-    def before_epoch(self, learn: Learner) -> None: ...
-    def before_train(self, learn: Learner) -> None: ...
-    def before_batch(self, learn: Learner) -> None: ...
-    def after_loss(self, learn: Learner) -> None: ...
-    def before_step(self, learn: Learner) -> None: ...
-    def after_step(self, learn: Learner) -> None: ...
-    def after_batch(self, learn: Learner) -> None: ...
-    def after_train(self, learn: Learner) -> None: ...
-    def before_validate(self, learn: Learner) -> None: ...
-    def after_validate(self, learn: Learner) -> None: ...
-    def after_epoch(self, learn: Learner) -> None: ...
-    def after_fit(self, learn: Learner) -> None: ...
+    def before_fit(self, learn: Learner) -> None:
+        """Start of a fit, before the first epoch (a resumed fit loads callback states next)."""
+
+    def before_epoch(self, learn: Learner) -> None:
+        """Start of an epoch, before training on it."""
+
+    def before_train(self, learn: Learner) -> None:
+        """Start of the epoch's training pass, the model in train mode."""
+
+    def before_batch(self, learn: Learner) -> None:
+        """A batch is on the device as ``learn.batch``, before the forward pass."""
+
+    def after_loss(self, learn: Learner) -> None:
+        """``learn.loss`` is the batch's loss, ``learn.loss_grad`` what backward will see."""
+
+    def before_step(self, learn: Learner) -> None:
+        """Gradients are ready; ``learn.train_iter`` is the index of this optimizer step."""
+
+    def after_step(self, learn: Learner) -> None:
+        """An optimizer step happened (not fired when it was cancelled or skipped)."""
+
+    def after_batch(self, learn: Learner) -> None:
+        """End of a batch not cancelled, whether or not it ended an optimizer step."""
+
+    def after_train(self, learn: Learner) -> None:
+        """End of the epoch's training pass."""
+
+    def before_validate(self, learn: Learner) -> None:
+        """Before validation (only with a ``valid_dl``)."""
+
+    def after_validate(self, learn: Learner) -> None:
+        """``learn.valid_result`` holds the validation dict."""
+
+    def after_epoch(self, learn: Learner) -> None:
+        """End of an epoch; also after ``CancelEpochException``."""
+
+    def after_fit(self, learn: Learner) -> None:
+        """End of a fit; always, also after an error (``learn.fit_error`` is set then)."""
 
     def state_dict(self) -> dict[str, Any]:
         """What a :class:`Checkpoint` keeps of this callback to resume exactly (default none).
