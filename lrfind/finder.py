@@ -319,12 +319,10 @@ def check_args(start_lr: float, end_lr: float, num_it: int, stop_div: bool, div_
     return funcs
 
 
-def learner_lr_find(learn: Learner, start_lr: float = 1e-7, end_lr: float = 10.0,
-                    num_it: int = 100, stop_div: bool = True, div_th: float = 4.0,
-                    beta: float = 0.98, mode: str = "exp",
-                    suggest_funcs: Sequence[str | Suggestion] = ("minimum", "steep"),
-                    show_plot: bool = True) -> LRFindResult:
-    """Run the LR range test on ``learn``; see :func:`lr_find`."""
+def learner_lr_find(learn: Learner, *, start_lr: float, end_lr: float, num_it: int,
+                    stop_div: bool, div_th: float, beta: float, mode: str,
+                    suggest_funcs: Sequence[str | Suggestion], show_plot: bool) -> LRFindResult:
+    """Run the LR range test on ``learn`` (the defaults: ``Learner.lr_find``, :func:`lr_find`)."""
     funcs = check_args(start_lr, end_lr, num_it, stop_div, div_th, beta, mode, suggest_funcs)
     if mode == "linear" and end_lr > 100 * start_lr:
         warn(f"mode='linear' from {start_lr:g} to {end_lr:g} spends nine tenths of the "

@@ -9,7 +9,7 @@ import math
 import numbers
 import os
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -55,6 +55,9 @@ from .utils import (
     set_rng_state,
     to_device,
 )
+
+if TYPE_CHECKING:
+    from .finder import LRFindResult, Suggestion
 
 LR = float | slice | Sequence[float]
 PRECISIONS = {"32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -616,11 +619,21 @@ class Learner:
         self.fit_one_cycle(epochs, phases[1][1], pct_start=pct_start, div=div, wd=wd, cbs=cbs,
                            resume_from=resume_from)
 
-    def lr_find(self, **kwargs: Any) -> Any:
-        """LR range test on this learner; see :func:`lrfind.finder.lr_find` for the arguments."""
+    def lr_find(self, *, start_lr: float = 1e-7, end_lr: float = 10.0, num_it: int = 100,
+                stop_div: bool = True, div_th: float = 4.0, beta: float = 0.98, mode: str = "exp",
+                suggest_funcs: Sequence[str | Suggestion] = ("minimum", "steep"),
+                show_plot: bool = True) -> LRFindResult:
+        """LR range test on this learner; everything it touches is restored afterwards.
+
+        The sweep, stop rule and suggestions are those of :func:`lrfind.lr_find`, with the
+        same defaults; the callbacks marked ``in_lr_find`` join it, and the result is also
+        kept as ``learn.recorder.lr_find_result``.
+        """
         from .finder import learner_lr_find
 
-        return learner_lr_find(self, **kwargs)
+        return learner_lr_find(self, start_lr=start_lr, end_lr=end_lr, num_it=num_it,
+                               stop_div=stop_div, div_th=div_th, beta=beta, mode=mode,
+                               suggest_funcs=suggest_funcs, show_plot=show_plot)
 
     # ---- evaluation ------------------------------------------------------------------------
     @contextlib.contextmanager
