@@ -438,13 +438,14 @@ class Learner:
                 self._event("after_fit")
 
     # ---- public training API ---------------------------------------------------------------
-    def fit(self, n_epoch: int, lr: LR | None = None, wd: float | None = None,
+    def fit(self, n_epoch: int, lr: LR | str | None = None, wd: float | None = None,
             cbs: Sequence[Callback] | None = None,
             resume_from: str | os.PathLike | None = None) -> None:
         """Train for ``n_epoch`` epochs at a constant LR.
 
-        ``lr`` (default: the learner's ``lr``) is set once at the start, so a callback may
-        change it during training; ``wd`` is set when given.
+        ``lr`` (default: the learner's ``lr``; ``"auto"`` as in :meth:`fit_one_cycle`) is set
+        once at the start, so a callback may change it during training; ``wd`` is set when
+        given.
 
         ``resume_from``: a :class:`Checkpoint` file of an interrupted run of the same call.
         """
