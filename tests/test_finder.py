@@ -1038,6 +1038,14 @@ def test_fit_one_cycle_auto_uses_the_auto_suggestion():
     assert learn.opt.seen[-n:] == [[v] for v in learn.recorder.lrs]
 
 
+def test_fit_auto_trains_at_the_auto_suggestion():
+    learn = make()
+    learn.fit(1, "auto")
+    res = learn.recorder.lr_find_result
+    assert list(res.suggestions) == ["auto"] and res.auto is not None
+    assert learn.recorder.lrs == [res.auto] * len(learn.recorder.lrs)
+
+
 def test_fit_auto_says_which_lr_it_took_when_progress_is_on(capsys):
     make().fit_one_cycle(1, "auto")
     assert "auto" not in capsys.readouterr().out  # progress=False: silent
