@@ -113,7 +113,8 @@ class Recorder(Callback):
 
     def after_step(self, learn: Learner) -> None:
         group = learn.opt.param_groups[-1]
-        self.lrs.append(group["lr"])
+        lr = group["lr"]  # a tensor LR is one object, rewritten every step: keep its value
+        self.lrs.append(float(lr) if isinstance(lr, torch.Tensor) else lr)
         self.moms.append(get_momentum(group))
         self._pending.append(learn.step_loss)
         if len(self._pending) >= FLUSH_EVERY:

@@ -584,6 +584,15 @@ def test_tensor_lr_stays_the_users_tensor():
     assert lr.item() == pytest.approx(learn.recorder.lrs[-1]) and lr.item() < 1e-7
 
 
+
+def test_recorder_keeps_each_step_value_of_a_tensor_lr():
+    lr = torch.tensor(1e-3)
+    learn = make(opt_func=functools.partial(torch.optim.Adam, lr=lr), lr=None)
+    learn.fit_one_cycle(1)
+    lrs = learn.recorder.lrs
+    assert all(type(v) is float for v in lrs)
+    assert lrs[0] == pytest.approx(1e-3 / 25) and lrs[-1] == pytest.approx(lr.item())
+
 # ---- batches ---------------------------------------------------------------------------------
 
 
