@@ -76,7 +76,7 @@ def exponential(start: float, end: float) -> Schedule:
 
 
 def polynomial(start: float, end: float, power: float = 2.0) -> Schedule:
-    """``f(pos) = end + (start - end) * (1 - pos) ** power`` (default power 2).
+    """``f(pos) = end + (start - end) * (1 - pos) ** power``; power > 0 (default 2).
 
     >>> polynomial(1.0, 0.0)(0.5)
     0.25
@@ -89,8 +89,9 @@ def polynomial(start: float, end: float, power: float = 2.0) -> Schedule:
 def join(phases: Sequence[Schedule], pcts: Sequence[float]) -> Schedule:
     """Run ``phases[i]`` over a share ``pcts[i]`` of progress; the shares sum to 1.
 
-    Inside phase i, the phase sees its own progress from 0 to 1. At a boundary the next phase
-    starts.
+    ``f(pos) = phases[i]((pos - s[i]) / pcts[i])`` where ``s[i] = sum(pcts[:i]) <= pos <
+    s[i + 1]``: inside phase i, the phase sees its own progress from 0 to 1. At a boundary the
+    next phase starts; ``f(1)`` is the last phase's value at 1.
 
     >>> f = join([linear(0, 1), constant(1.0)], [0.5, 0.5])
     >>> f(0.25), f(0.75)
@@ -191,7 +192,9 @@ def sgdr(lr_max: float, n_cycles: int, cycle_mult: float = 2.0, lr_min: float = 
     """Cosine with warm restarts (SGDR).
 
     ``n_cycles`` cosines ``lr_max -> lr_min``, cycle i lasting ``cycle_mult ** i`` times the
-    first. Defaults: cycle_mult=2, lr_min=0.
+    first: ``f(pos) = lr_min + (lr_max - lr_min) * (1 + cos(pi * t)) / 2``, ``t`` in [0, 1)
+    the progress within the current cycle (``t = 1`` only at ``pos = 1``). Defaults:
+    cycle_mult=2, lr_min=0.
 
     >>> f = sgdr(1.0, 2, cycle_mult=1)
     >>> f(0), f(0.25), f(0.5)
