@@ -100,6 +100,9 @@ def join(phases: Sequence[Schedule], pcts: Sequence[float]) -> Schedule:
     if len(phases) == 0 or len(phases) != len(pcts):
         raise ValueError(f"phases and pcts must be non-empty and of equal length, got "
                          f"{len(phases)} and {len(pcts)}")
+    for phase in phases:
+        if not callable(phase):
+            raise TypeError(f"phases must be schedules f(pos) -> value, got {phase!r}")
     for p in pcts:
         if _check_number("pcts", p) <= 0:
             raise ValueError(f"pcts must all be > 0, got {list(pcts)!r}")

@@ -298,6 +298,10 @@ def test_bad_inputs_raise_value_error_naming_the_parameter(call, match):
         call()
 
 
+def test_join_refuses_a_phase_that_is_not_a_schedule():
+    with pytest.raises(TypeError, match=r"^phases must be schedules f\(pos\) -> value, got 0.1"):
+        S.join([0.1, S.constant(1.0)], [0.5, 0.5])
+
 # ---- doctests --------------------------------------------------------------------------------
 
 
