@@ -23,7 +23,7 @@ that unit of work: the batch, the optimizer step, the epoch or the whole fit.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -176,9 +176,15 @@ class ParamScheduler(Callback):
     order = 10
 
     def __init__(self, scheds: dict[str, Schedule | Sequence[Schedule]]) -> None:
-        for name in scheds:
+        if not isinstance(scheds, Mapping):
+            raise TypeError(f"scheds must be a dict of schedules, got {scheds!r}")
+        for name, sched in scheds.items():
             if name not in ("lr", "mom"):
                 raise ValueError(f"scheds keys must be 'lr' or 'mom', got {name!r}")
+            fns = list(sched) if isinstance(sched, Sequence) else [sched]
+            if not fns or not all(callable(f) for f in fns):
+                raise TypeError(f"scheds[{name!r}] must be a schedule f(pos) -> value or one "
+                                f"per parameter group, got {sched!r}")
         self.scheds = dict(scheds)
 
     def before_fit(self, learn: Learner) -> None:

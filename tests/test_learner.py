@@ -30,6 +30,7 @@ from lrfind import (
     Checkpoint,
     EarlyStopping,
     Learner,
+    ParamScheduler,
     SaveBest,
     TorchScheduler,
     accuracy,
@@ -369,6 +370,18 @@ def test_reduce_lr_on_plateau_per_batch_is_refused_up_front():
     with pytest.raises(ValueError, match="^interval must be 'epoch' or 'batch', got 'step'"):
         TorchScheduler(torch.optim.lr_scheduler.StepLR, step_size=1, interval="step")
 
+
+@pytest.mark.parametrize(("scheds", "exc", "match"), [
+    ([("lr", schedules.constant(0.1))], TypeError, r"^scheds must be a dict of schedules"),
+    ({"wd": schedules.constant(0.1)}, ValueError, r"^scheds keys must be 'lr' or 'mom', got 'wd'"),
+    ({"lr": 0.1}, TypeError, r"^scheds\['lr'\] must be a schedule f\(pos\) -> value or one per "
+                             r"parameter group, got 0.1"),
+    ({"mom": []}, TypeError, r"^scheds\['mom'\] must be a schedule"),
+    ({"lr": [schedules.constant(0.1), "x"]}, TypeError, r"^scheds\['lr'\] must be a schedule"),
+])
+def test_param_scheduler_refuses_bad_scheds_when_built(scheds, exc, match):
+    with pytest.raises(exc, match=match):
+        ParamScheduler(scheds)
 
 @pytest.mark.parametrize(("t0", "t_mult"), [(2, 1), (1, 2)])
 def test_cosine_warm_restarts_per_batch_matches_closed_form(t0, t_mult):
