@@ -736,6 +736,7 @@ class Learner:
 
         In multi-process training only the main process writes.
         """
+        path = check_path("path", path)
         if self.is_main:
             atomic_save({"model": self.model.state_dict(),
                          "opt": self.opt.state_dict() if with_opt else None}, path)
@@ -743,6 +744,7 @@ class Learner:
 
     def load(self, path: str | os.PathLike, with_opt: bool = True) -> None:
         """Load what :meth:`save` wrote; keys and shapes are checked before anything changes."""
+        path = check_path("path", path)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"path {os.fspath(path)!r} does not exist")
         state = torch.load(path, map_location=self.device, weights_only=True)

@@ -929,6 +929,8 @@ BAD_CALLS = [
     (lambda ln: ln.fit(1, cbs=[Checkpoint(None)]), TypeError,
      r"^path must be a path \(str or os.PathLike\), got None"),
     (lambda ln: ln.fit(1, cbs=[SaveBest(None)]), TypeError, r"^path must be a path"),
+    (lambda ln: ln.save(None), TypeError, r"^path must be a path \(str or os.PathLike\), got None"),
+    (lambda ln: ln.load(0), TypeError, r"^path must be a path \(str or os.PathLike\), got 0"),
 ]
 
 
