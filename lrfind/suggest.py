@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from .utils import warn
+from .utils import check_int, check_number, warn
 
 __all__ = ["SUGGESTIONS", "auto", "minimum", "slide", "steep", "suggestion_input", "valley"]
 
@@ -252,6 +252,9 @@ def slide(
     that did not qualify (``lrs[n - 1 - width]`` when the first one does), and ``lrs[0]`` when
     none does. Defaults: width=15, thresh=0.005; needs ``width + 1`` points.
     """
+    width = check_int("width", width)
+    if check_number("thresh", thresh) < 0:
+        raise ValueError(f"thresh must be >= 0, got {thresh!r}")
     data = _prepare(lrs, losses, width + 1, "slide")
     if data is None:
         return None
