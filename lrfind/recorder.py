@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from .callback import Callback, get_momentum
-from .utils import check_int
+from .utils import check_int, check_number
 
 if TYPE_CHECKING:
     from .learner import Learner
@@ -31,14 +31,17 @@ class Recorder(Callback):
     """Records ``lrs``, ``moms`` and ``losses`` once per optimizer step and ``values`` per epoch.
 
     ``lrs``/``moms`` are those the step used in the last parameter group; ``losses`` the step's
-    training loss (mean over accumulated batches); ``smooth_losses`` their debiased EMA (beta
-    0.98); ``values`` one dict per epoch: epoch, train_loss, valid_loss, each metric, time.
+    training loss (mean over accumulated batches); ``smooth_losses`` their debiased EMA
+    (``beta``, default 0.98); ``values`` one dict per epoch: epoch, train_loss, valid_loss,
+    each metric, time.
     """
 
     order = 50
 
     def __init__(self, beta: float = 0.98) -> None:
-        self.beta = beta
+        if not 0 <= check_number("beta", beta) < 1:
+            raise ValueError(f"beta must be in [0, 1), got {beta!r}")
+        self.beta = float(beta)
         self.lrs: list[float] = []
         self.moms: list[float | None] = []
         self._losses: list[float] = []

@@ -31,6 +31,7 @@ from lrfind import (
     EarlyStopping,
     Learner,
     ParamScheduler,
+    Recorder,
     SaveBest,
     TorchScheduler,
     accuracy,
@@ -876,6 +877,12 @@ def test_load_mismatched_model_raises_before_anything_changes(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         other.load(tmp_path / "nope.pt")
 
+
+
+@pytest.mark.parametrize("beta", [1.0, -0.1, float("nan"), "0.9"])
+def test_recorder_beta_must_lie_in_0_1(beta):
+    with pytest.raises(ValueError, match=r"^beta must be"):
+        Recorder(beta=beta)
 
 # ---- bad inputs ------------------------------------------------------------------------------
 
