@@ -161,7 +161,9 @@ class LRFindResult:
     Unpacks into the requested suggestions in order (``lr_min, lr_steep = res``); each is also
     an attribute (``res.minimum``) and an entry of ``res.suggestions``. ``lrs[k]`` is the LR of
     the optimizer step taken on the batch whose loss is ``raw_losses[k]`` (computed just before
-    that step); ``losses`` are the smoothed losses.
+    that step); ``losses`` are the smoothed losses. ``stop_reason`` is one of
+    ``STOP_REASONS``: "diverged", "non-finite loss" or "num_it reached"; ``num_it`` is the
+    number of steps asked for. A suggestion is None when its rule found no answer.
     """
 
     def __init__(self, lrs: list[float], raw_losses: list[float], losses: list[float],

@@ -2,7 +2,8 @@
 
 Every function takes the *suggestion input* built by :func:`suggestion_input` (smoothed
 losses of the range test, cut at the first non-finite value, warm-up and tail skipped) and
-returns a float, or ``None`` with a warning when there are too few points for its rule.
+returns a float, or ``None`` with a warning when there are too few points for its rule
+(or, for ``steep`` and ``auto``, when the loss never falls below its start level).
 They are registered by name in :data:`SUGGESTIONS`.
 
 >>> lrs = np.logspace(-5, 0, 50)
