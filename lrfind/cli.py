@@ -282,35 +282,46 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"lrfind {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     target_help = "path/to/file.py:function or package.module:function returning a Learner"
+    quiet_help = "no progress bars; the epoch table is printed at the end"
 
-    p = sub.add_parser("demo", help="range test and one-cycle training on the built-in digits")
+    text = "range test and one-cycle training on the built-in digits"
+    p = sub.add_parser("demo", help=text, description=(
+        f"{text}: a {AUTO_NUM_IT}-step range test, then one-cycle at its 'auto' suggestion; "
+        "writes lr_find.png, loss.png, schedule.png and history.json into --out"))
     p.add_argument("--out", default="lrfind-demo", help="output folder (default: %(default)s)")
     p.add_argument("--epochs", type=int, default=5, help="epochs (default: %(default)s)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--quiet", action="store_true", help=quiet_help)
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("find", help="run the LR range test on TARGET's learner")
+    text = "run the LR range test on TARGET's learner"
+    p = sub.add_parser("find", help=text, description=(
+        f"{text} and print its suggestions; the learner is left as it was"))
     p.add_argument("target", metavar="TARGET", help=target_help)
-    p.add_argument("--start-lr", type=float, default=1e-7, help="default: %(default)s")
-    p.add_argument("--end-lr", type=float, default=10.0, help="default: %(default)s")
-    p.add_argument("--num-it", type=int, default=100, help="default: %(default)s")
+    p.add_argument("--start-lr", type=float, default=1e-7,
+                   help="LR of the first step (default: %(default)s)")
+    p.add_argument("--end-lr", type=float, default=10.0,
+                   help="LR of the last step (default: %(default)s)")
+    p.add_argument("--num-it", type=int, default=100,
+                   help="optimizer steps of the sweep, at most (default: %(default)s)")
     p.add_argument("--suggest", default="minimum,steep,valley",
                    help=f"comma-separated, among {', '.join(SUGGESTIONS)} (default: %(default)s)")
-    p.add_argument("--out", help="folder for lr_find.png and lr_find.json")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--out", help="folder for lr_find.png and lr_find.json (default: none)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_find)
 
-    p = sub.add_parser("fit", help="train TARGET's learner with one-cycle")
+    text = "train TARGET's learner with one-cycle"
+    p = sub.add_parser("fit", help=text, description=f"{text} (fit_one_cycle)")
     p.add_argument("target", metavar="TARGET", help=target_help)
-    p.add_argument("--epochs", type=int, required=True)
+    p.add_argument("--epochs", type=int, required=True, help="epochs to train")
     p.add_argument("--lr", required=True,
-                   help=f"lr_max: a number, or a suggestion ({', '.join(SUGGESTIONS)}) to run "
-                        "the range test first")
-    p.add_argument("--pct-start", type=float, default=0.25, help="default: %(default)s")
+                   help=f"lr_max: a number, or a suggestion ({', '.join(SUGGESTIONS)}) taken "
+                        f"from a range test of {AUTO_NUM_IT} steps run first")
+    p.add_argument("--pct-start", type=float, default=0.25,
+                   help="share of the steps the LR warms up for (default: %(default)s)")
     p.add_argument("--save", metavar="PATH", help="learn.save(PATH) after training")
     p.add_argument("--out", help="folder for loss.png, schedule.png, history.json (and "
-                                 "lr_find.png when --lr names a suggestion)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+                                 "lr_find.png when --lr names a suggestion; default: none)")
+    p.add_argument("--quiet", action="store_true", help=quiet_help)
     p.set_defaults(func=cmd_fit)
     return parser
 
