@@ -184,7 +184,10 @@ class Recorder(Callback):
         return axes
 
     def plot_lr_find(self, skip_end: int = 5, ax: Any = None) -> Any:
-        """Plot of the last range test (see ``LRFindResult.plot``)."""
+        """Plot of the last range test: ``LRFindResult.plot``, which returns the matplotlib Axes.
+
+        ValueError when no range test has run on this learner yet.
+        """
         if self.lr_find_result is None:
             raise ValueError("no range test recorded yet: call learn.lr_find() first")
         return self.lr_find_result.plot(skip_end=skip_end, ax=ax)
