@@ -138,10 +138,16 @@ class Learner:
                 raise ValueError(f"{name} is empty (len 0): it must yield at least one batch")
         if compute_loss is None and loss_func is None:
             raise ValueError("loss_func and compute_loss are both None: pass one of them")
+        if isinstance(opt_func, torch.optim.Optimizer):
+            raise TypeError(f"opt_func must build the optimizer from the parameter groups (such "
+                            f"as torch.optim.AdamW), got an {type(opt_func).__name__} instance")
         for name, f in (("loss_func", loss_func), ("compute_loss", compute_loss),
                         ("opt_func", opt_func)):
             if f is not None and not callable(f):
                 raise TypeError(f"{name} must be callable, got {f!r}")
+            if name != "opt_func" and isinstance(f, type) and issubclass(f, nn.Module):
+                raise TypeError(f"{name} is the class {f.__name__}: pass an instance, "
+                                f"{f.__name__}()")
         metrics = list(metrics)
         for m in metrics:
             if not callable(m):
@@ -310,12 +316,17 @@ class Learner:
     # ---- the loop --------------------------------------------------------------------------
     def _loss(self, batch: Any, model: nn.Module) -> torch.Tensor:
         if self.compute_loss is not None:
-            return self.compute_loss(model, batch)
-        if not isinstance(batch, (list, tuple)) or len(batch) < 2:
-            raise TypeError(f"a batch must be (x, y) or (x1, ..., xn, y), got "
-                            f"{type(batch).__name__}; pass compute_loss for other batches")
-        self.pred = model(*batch[:-1])
-        return self.loss_func(self.pred, batch[-1])
+            name, loss = "compute_loss", self.compute_loss(model, batch)
+        else:
+            if not isinstance(batch, (list, tuple)) or len(batch) < 2:
+                raise TypeError(f"a batch must be (x, y) or (x1, ..., xn, y), got "
+                                f"{type(batch).__name__}; pass compute_loss for other batches")
+            self.pred = model(*batch[:-1])
+            name, loss = "loss_func", self.loss_func(self.pred, batch[-1])
+        if not isinstance(loss, torch.Tensor):  # such as a model's output object, or .item()
+            raise TypeError(f"{name} must return the loss as a tensor, got "
+                            f"{type(loss).__name__}")
+        return loss
 
     def _train_epoch(self) -> None:
         self.model.train()

@@ -966,6 +966,14 @@ BAD_LEARNERS = [
      ValueError, r"^splitter must return a non-empty list of non-empty parameter lists"),
     (lambda: Learner(nn.Linear(4, 1), loader(), loss_func=F.mse_loss, moms=(0.9, 1.5, 0.9)),
      ValueError, r"^moms must lie in \[0, 1\)"),
+    (lambda: Learner(nn.Linear(4, 1), loader(), loss_func=nn.MSELoss), TypeError,
+     r"^loss_func is the class MSELoss: pass an instance, MSELoss\(\)"),
+    (lambda: Learner(nn.Linear(4, 1), loader(), compute_loss=nn.MSELoss), TypeError,
+     r"^compute_loss is the class MSELoss: pass an instance, MSELoss\(\)"),
+    (lambda: Learner(nn.Linear(4, 1), loader(), loss_func=F.mse_loss,
+                     opt_func=torch.optim.SGD(nn.Linear(4, 1).parameters(), lr=0.1)), TypeError,
+     r"^opt_func must build the optimizer from the parameter groups \(such as "
+     r"torch.optim.AdamW\), got an SGD instance$"),
 ]
 
 
@@ -1094,6 +1102,25 @@ def test_bad_learner_leaves_the_model_alone():
     with pytest.raises(ValueError, match="^accum_steps"):
         Learner(model, loader(), loss_func=F.mse_loss, accum_steps=-1)
     assert same(w, model.state_dict())
+
+
+class Output:
+    """What a model with its own loss may return: an object holding the loss."""
+
+    def __init__(self, loss):
+        self.loss = loss
+
+
+@pytest.mark.parametrize("run", ["fit", "lr_find", "validate"])
+@pytest.mark.parametrize("kw", [
+    {"compute_loss": lambda m, b: Output(F.mse_loss(m(b[0]), b[1]))},
+    {"loss_func": lambda p, y: F.mse_loss(p, y).item()},
+])
+def test_a_loss_that_is_not_a_tensor_is_named(kw, run):
+    learn = make(**kw)
+    name, got = next(iter(kw)), "Output" if "compute_loss" in kw else "float"
+    with pytest.raises(TypeError, match=rf"^{name} must return the loss as a tensor, got {got}"):
+        learn.fit(1) if run == "fit" else getattr(learn, run)()
 
 
 def test_non_scalar_loss_raises():
