@@ -116,7 +116,8 @@ class Learner:
                  opt_func: Callable[..., torch.optim.Optimizer] = torch.optim.AdamW,
                  lr: LR | None = 1e-3, wd: float | None = None,
                  moms: Sequence[float] = (0.95, 0.85, 0.95),
-                 metrics: Sequence[Callable[..., Any]] = (), cbs: Sequence[Callback] = (),
+                 metrics: Callable[..., Any] | Sequence[Callable[..., Any]] = (),
+                 cbs: Callback | Sequence[Callback] = (),
                  splitter: Callable[[nn.Module], list] | None = None,
                  device: str | torch.device | None = None, progress: bool = True,
                  precision: str = "32", accum_steps: int = 1,
@@ -148,7 +149,7 @@ class Learner:
             if name != "opt_func" and isinstance(f, type) and issubclass(f, nn.Module):
                 raise TypeError(f"{name} is the class {f.__name__}: pass an instance, "
                                 f"{f.__name__}()")
-        metrics = list(metrics)
+        metrics = [metrics] if callable(metrics) else list(metrics)  # metrics=accuracy too
         for m in metrics:
             if not callable(m):
                 raise TypeError(f"metrics must be callables f(preds, targets), got {m!r}")

@@ -983,6 +983,12 @@ def test_bad_learner_arguments(call, exc, match):
         call()
 
 
+def test_a_single_metric_needs_no_list():
+    learn = make(metrics=mae)
+    learn.fit(1, 0.01)
+    assert "mae" in learn.recorder.values[-1] and "mae" in learn.validate()
+
+
 @pytest.mark.parametrize(("batches", "mult"), [(1, 1), (2, 1), (4, 2)])
 def test_sgdr_restarts_on_the_first_step_of_every_cycle(batches, mult):
     learn = make(train=loader(16 * batches))
