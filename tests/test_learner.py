@@ -1146,6 +1146,17 @@ def test_progress_false_prints_nothing(capsys):
     assert out.out == "" and out.err == ""
 
 
+def test_progress_false_keeps_early_stopping_quiet(capsys):
+    learn = make(metrics=[mae])
+    learn.fit(4, 1e-6, cbs=[EarlyStopping(monitor="mae", mode="max", patience=1)])
+    assert len(learn.recorder.values) == 2  # it stopped
+    out = capsys.readouterr()
+    assert out.out == "" and out.err == ""
+    learn.progress = True
+    learn.fit(4, 1e-6, cbs=[EarlyStopping(monitor="mae", mode="max", patience=1)])
+    assert "early stopping after epoch 1" in capsys.readouterr().out
+
+
 def test_progress_true_prints_a_table_with_metric_names(capsys):
     learn = make(metrics=[mae], progress=True)
     learn.fit(2, lr=0.05)
