@@ -8,6 +8,7 @@ import inspect
 import math
 import numbers
 import os
+import pickle
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -743,7 +744,13 @@ class Learner:
         """Load what :meth:`save` wrote; keys and shapes are checked before anything changes."""
         if not os.path.isfile(path):
             raise FileNotFoundError(f"path {os.fspath(path)!r} does not exist")
-        state = torch.load(path, map_location=self.device, weights_only=True)
+        try:
+            state = torch.load(path, map_location=self.device, weights_only=True)
+        except pickle.UnpicklingError:  # more than tensors: a Checkpoint file holds RNG states
+            raise ValueError(f"{os.fspath(path)!r} is not a file written by Learner.save; a "
+                             "Checkpoint file holds more than weights: resume from it with "
+                             "resume_from=, or read its weights with torch.load(path, "
+                             "weights_only=False)['model'] if you trust it") from None
         if not isinstance(state, dict) or "model" not in state:
             raise ValueError(f"{os.fspath(path)!r} is not a file written by Learner.save")
         check_state_dict(self.model, state["model"])

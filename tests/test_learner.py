@@ -841,6 +841,18 @@ def test_save_load_round_trip_atomic(tmp_path):
     assert os.listdir(tmp_path) == ["model.pt"]
 
 
+def test_load_of_a_checkpoint_file_says_what_it_is(tmp_path):
+    learn = make()
+    path = tmp_path / "ckpt.pt"
+    learn.fit(1, 0.01, cbs=[Checkpoint(path)])
+    before = snapshot(learn)
+    with pytest.raises(ValueError, match=r"is not a file written by Learner.save; a Checkpoint "
+                                         r"file holds more than weights: resume from it with "
+                                         r"resume_from="):
+        learn.load(path)
+    assert same(before, snapshot(learn))
+
+
 def test_load_mismatched_model_raises_before_anything_changes(tmp_path):
     path = tmp_path / "m.pt"
     make().save(path)
