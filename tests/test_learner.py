@@ -853,6 +853,14 @@ def test_load_of_a_checkpoint_file_says_what_it_is(tmp_path):
     assert same(before, snapshot(learn))
 
 
+@pytest.mark.parametrize("plot", ["plot_loss", "plot_sched"])
+def test_plots_before_any_training_say_so(plot):
+    learn = make()
+    learn.lr_find(num_it=10)  # a range test records nothing in the recorder's history
+    with pytest.raises(ValueError, match=r"^no training recorded yet: call fit first"):
+        getattr(learn.recorder, plot)()
+
+
 def test_load_mismatched_model_raises_before_anything_changes(tmp_path):
     path = tmp_path / "m.pt"
     make().save(path)
