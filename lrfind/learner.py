@@ -728,7 +728,8 @@ class Learner:
         """Raise ValueError unless ``monitor`` names a value the recorder writes each epoch."""
         names = ["train_loss"] + (["valid_loss", *self.metric_names] if self.valid_dl else [])
         if monitor not in names:
-            raise ValueError(f"monitor must be one of {names}, got {monitor!r}")
+            why = "" if self.valid_dl else ": the learner has no valid_dl"
+            raise ValueError(f"monitor must be one of {names}, got {monitor!r}{why}")
 
     def save(self, path: str | os.PathLike, with_opt: bool = True) -> None:
         """Save model (and optimizer) state to ``path`` atomically (temp file + rename).

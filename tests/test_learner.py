@@ -853,6 +853,12 @@ def test_load_of_a_checkpoint_file_says_what_it_is(tmp_path):
     assert same(before, snapshot(learn))
 
 
+def test_a_monitor_without_a_valid_dl_says_there_is_none():
+    with pytest.raises(ValueError, match=r"^monitor must be one of \['train_loss'\], got "
+                                         r"'valid_loss': the learner has no valid_dl$"):
+        make(valid=None, cbs=[EarlyStopping()])
+
+
 @pytest.mark.parametrize("plot", ["plot_loss", "plot_sched"])
 def test_plots_before_any_training_say_so(plot):
     learn = make()
