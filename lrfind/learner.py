@@ -24,6 +24,7 @@ from .callback import (
     CancelFitException,
     CancelStepException,
     ParamScheduler,
+    TorchScheduler,
     set_lr,
 )
 from .checkpoint import (
@@ -472,6 +473,8 @@ class Learner:
         lrs = None if auto else self._lrs(lr, name)
         self._check_wd(wd)
         cbs = self._new_cbs(cbs)
+        if scheds is not None:
+            self._check_unscheduled(cbs, f"fit_{method}")
         state = None if resume_from is None else read_checkpoint(self, resume_from, n_epoch,
                                                                  cbs)
         # what a checkpoint must match to resume: the call and what shapes its steps
@@ -498,6 +501,13 @@ class Learner:
             self._set_wd(wd)
         extra = [] if scheds is None else [ParamScheduler(scheds(lrs))]
         self._fit(n_epoch, extra + cbs)
+
+    def _check_unscheduled(self, cbs: list[Callback], caller: str) -> None:
+        """Refuse a TorchScheduler where a schedule of lrfind's would overwrite its LRs."""
+        for cb in [*self.cbs, *cbs]:
+            if isinstance(cb, TorchScheduler):
+                raise ValueError(f"cbs: {cb!r} sets the LR, which {caller} sets at every "
+                                 "step: use it with fit(), at a constant LR it then changes")
 
     def _lrs(self, lr: LR | None, name: str = "lr") -> list[float]:
         return resolve_lrs(self.lr if lr is None else lr, len(self.opt.param_groups), name)
@@ -608,6 +618,7 @@ class Learner:
         schedules.one_cycle(1.0, div, 1e5, pct_start)
         self._check_wd(wd)
         cbs = self._new_cbs(cbs)  # before freeze changes anything
+        self._check_unscheduled(cbs, "fine_tune")
         n = len(self.opt.param_groups)
         phases = [(freeze_epochs, resolve_lrs(slice(base_lr), n)),
                   (epochs, resolve_lrs(slice(base_lr / 2 / lr_mult, base_lr / 2), n))]

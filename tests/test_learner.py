@@ -1027,6 +1027,24 @@ def test_sgdr_restarts_on_the_first_step_of_every_cycle(batches, mult):
         assert all(y < x for x, y in pairwise(lrs[a:b])) and lrs[b - 1] > 0
 
 
+@pytest.mark.parametrize("on", ["learner", "fit"])
+def test_a_torch_scheduler_is_refused_by_a_schedule_that_would_overwrite_it(on):
+    step = TorchScheduler(torch.optim.lr_scheduler.StepLR, step_size=1, gamma=0.1)
+    learn = make(cbs=[step] if on == "learner" else ())
+    cbs = [step] if on == "fit" else None
+    before = snapshot(learn)
+    for call in (lambda: learn.fit_one_cycle(2, 0.01, cbs=cbs),
+                 lambda: learn.fit_flat_cos(2, 0.01, cbs=cbs),
+                 lambda: learn.fine_tune(1, cbs=cbs)):
+        with pytest.raises(ValueError, match=r"^cbs: TorchScheduler\(StepLR, .*\) sets the LR, "
+                                             r"which (fit_one_cycle|fit_flat_cos|fine_tune) "
+                                             r"sets at every step: use it with fit\(\)"):
+            call()
+    assert same(before, snapshot(learn))
+    learn.fit(2, 0.01, cbs=cbs)  # a constant LR leaves it to the scheduler
+    assert learn.recorder.lrs[::4] == pytest.approx([0.01, 0.001])
+
+
 def test_torch_scheduler_from_a_function_of_the_optimizer():
     sched = torch.optim.lr_scheduler
 
