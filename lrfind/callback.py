@@ -220,7 +220,8 @@ class TorchScheduler(Callback):
     to chain schedulers built on that optimizer. ``interval="epoch"`` (default) steps at each
     epoch end, ``ReduceLROnPlateau`` with the ``monitor`` value (default ``"valid_loss"``);
     ``interval="batch"`` steps after every optimizer step, and ``CosineAnnealingWarmRestarts``
-    then gets the fractional epoch ``(step + 1) / steps_per_epoch``.
+    then gets the fractional epoch ``(step + 1) / steps_per_epoch``. It drives ``fit``: the
+    other ``fit_*`` methods and ``fine_tune`` set the LR at every step, so they refuse it.
     """
 
     order = 55  # after the Recorder: it logs the LR a step used, then reads this epoch's row

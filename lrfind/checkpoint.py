@@ -281,7 +281,7 @@ class EarlyStopping(_Monitor):
         if improved is None:
             return
         self.wait = 0 if improved else self.wait + 1
-        if self.wait >= self.patience:
+        if self.wait >= self.patience and learn.progress:  # progress=False prints nothing
             learn.print(f"early stopping after epoch {learn.epoch}: {self.monitor} has not "
                         f"improved for {self.patience} epochs (best {self.best:.6g})")
 

@@ -8,6 +8,7 @@ import inspect
 import math
 import numbers
 import os
+import pickle
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -23,6 +24,7 @@ from .callback import (
     CancelFitException,
     CancelStepException,
     ParamScheduler,
+    TorchScheduler,
     set_lr,
 )
 from .checkpoint import (
@@ -119,7 +121,8 @@ class Learner:
                  opt_func: Callable[..., torch.optim.Optimizer] = torch.optim.AdamW,
                  lr: LR | None = 1e-3, wd: float | None = None,
                  moms: Sequence[float] = (0.95, 0.85, 0.95),
-                 metrics: Sequence[Callable[..., Any]] = (), cbs: Sequence[Callback] = (),
+                 metrics: Callable[..., Any] | Sequence[Callable[..., Any]] = (),
+                 cbs: Callback | Sequence[Callback] = (),
                  splitter: Callable[[nn.Module], list] | None = None,
                  device: str | torch.device | None = None, progress: bool = True,
                  precision: str = "32", accum_steps: int = 1,
@@ -141,11 +144,17 @@ class Learner:
                 raise ValueError(f"{name} is empty (len 0): it must yield at least one batch")
         if compute_loss is None and loss_func is None:
             raise ValueError("loss_func and compute_loss are both None: pass one of them")
+        if isinstance(opt_func, torch.optim.Optimizer):
+            raise TypeError(f"opt_func must build the optimizer from the parameter groups (such "
+                            f"as torch.optim.AdamW), got an {type(opt_func).__name__} instance")
         for name, f in (("loss_func", loss_func), ("compute_loss", compute_loss),
                         ("opt_func", opt_func)):
             if f is not None and not callable(f):
                 raise TypeError(f"{name} must be callable, got {f!r}")
-        metrics = list(metrics)
+            if name != "opt_func" and isinstance(f, type) and issubclass(f, nn.Module):
+                raise TypeError(f"{name} is the class {f.__name__}: pass an instance, "
+                                f"{f.__name__}()")
+        metrics = [metrics] if callable(metrics) else list(metrics)  # metrics=accuracy too
         for m in metrics:
             if not callable(m):
                 raise TypeError(f"metrics must be callables f(preds, targets), got {m!r}")
@@ -313,12 +322,17 @@ class Learner:
     # ---- the loop --------------------------------------------------------------------------
     def _loss(self, batch: Any, model: nn.Module) -> torch.Tensor:
         if self.compute_loss is not None:
-            return self.compute_loss(model, batch)
-        if not isinstance(batch, (list, tuple)) or len(batch) < 2:
-            raise TypeError(f"a batch must be (x, y) or (x1, ..., xn, y), got "
-                            f"{type(batch).__name__}; pass compute_loss for other batches")
-        self.pred = model(*batch[:-1])
-        return self.loss_func(self.pred, batch[-1])
+            name, loss = "compute_loss", self.compute_loss(model, batch)
+        else:
+            if not isinstance(batch, (list, tuple)) or len(batch) < 2:
+                raise TypeError(f"a batch must be (x, y) or (x1, ..., xn, y), got "
+                                f"{type(batch).__name__}; pass compute_loss for other batches")
+            self.pred = model(*batch[:-1])
+            name, loss = "loss_func", self.loss_func(self.pred, batch[-1])
+        if not isinstance(loss, torch.Tensor):  # such as a model's output object, or .item()
+            raise TypeError(f"{name} must return the loss as a tensor, got "
+                            f"{type(loss).__name__}")
+        return loss
 
     def _train_epoch(self) -> None:
         self.model.train()
@@ -463,6 +477,8 @@ class Learner:
         lrs = None if auto else self._lrs(lr, name)
         self._check_wd(wd)
         cbs = self._new_cbs(cbs)
+        if scheds is not None:
+            self._check_unscheduled(cbs, f"fit_{method}")
         state = None if resume_from is None else read_checkpoint(self, resume_from, n_epoch,
                                                                  cbs)
         # what a checkpoint must match to resume: the call and what shapes its steps
@@ -489,6 +505,13 @@ class Learner:
             self._set_wd(wd)
         extra = [] if scheds is None else [ParamScheduler(scheds(lrs))]
         self._fit(n_epoch, extra + cbs)
+
+    def _check_unscheduled(self, cbs: list[Callback], caller: str) -> None:
+        """Refuse a TorchScheduler where a schedule of lrfind's would overwrite its LRs."""
+        for cb in [*self.cbs, *cbs]:
+            if isinstance(cb, TorchScheduler):
+                raise ValueError(f"cbs: {cb!r} sets the LR, which {caller} sets at every "
+                                 "step: use it with fit(), at a constant LR it then changes")
 
     def _lrs(self, lr: LR | None, name: str = "lr") -> list[float]:
         return resolve_lrs(self.lr if lr is None else lr, len(self.opt.param_groups), name)
@@ -599,6 +622,7 @@ class Learner:
         schedules.one_cycle(1.0, div, 1e5, pct_start)
         self._check_wd(wd)
         cbs = self._new_cbs(cbs)  # before freeze changes anything
+        self._check_unscheduled(cbs, "fine_tune")
         n = len(self.opt.param_groups)
         phases = [(freeze_epochs, resolve_lrs(slice(base_lr), n)),
                   (epochs, resolve_lrs(slice(base_lr / 2 / lr_mult, base_lr / 2), n))]
@@ -729,7 +753,8 @@ class Learner:
         """Raise ValueError unless ``monitor`` names a value the recorder writes each epoch."""
         names = ["train_loss"] + (["valid_loss", *self.metric_names] if self.valid_dl else [])
         if monitor not in names:
-            raise ValueError(f"monitor must be one of {names}, got {monitor!r}")
+            why = "" if self.valid_dl else ": the learner has no valid_dl"
+            raise ValueError(f"monitor must be one of {names}, got {monitor!r}{why}")
 
     def save(self, path: str | os.PathLike, with_opt: bool = True) -> None:
         """Save model (and optimizer) state to ``path`` atomically (temp file + rename).
@@ -747,7 +772,13 @@ class Learner:
         path = check_path("path", path)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"path {os.fspath(path)!r} does not exist")
-        state = torch.load(path, map_location=self.device, weights_only=True)
+        try:
+            state = torch.load(path, map_location=self.device, weights_only=True)
+        except pickle.UnpicklingError:  # more than tensors: a Checkpoint file holds RNG states
+            raise ValueError(f"{os.fspath(path)!r} is not a file written by Learner.save; a "
+                             "Checkpoint file holds more than weights: resume from it with "
+                             "resume_from=, or read its weights with torch.load(path, "
+                             "weights_only=False)['model'] if you trust it") from None
         if not isinstance(state, dict) or "model" not in state:
             raise ValueError(f"{os.fspath(path)!r} is not a file written by Learner.save")
         check_state_dict(self.model, state["model"])

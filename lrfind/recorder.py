@@ -140,6 +140,11 @@ class Recorder(Callback):
         if learn.fit_error is None:
             self.flush(learn)
 
+    def _check_recorded(self) -> None:
+        if not self.lrs:  # an empty plot would look like a plotting problem
+            raise ValueError("no training recorded yet: call fit first (the range test's curve "
+                             "is learn.recorder.plot_lr_find())")
+
     def plot_loss(self, skip_start: int = 5, with_valid: bool = True, ax: Any = None) -> Any:
         """Training loss per step (raw and smoothed) and the validation loss at each epoch end.
 
@@ -148,6 +153,7 @@ class Recorder(Callback):
         from .plots import new_axes
 
         check_int("skip_start", skip_start, low=0)
+        self._check_recorded()
         ax = new_axes(ax)
         losses = np.asarray(self.losses)
         steps = np.arange(len(losses))
@@ -174,6 +180,7 @@ class Recorder(Callback):
         if isinstance(keys, str) or not keys or any(k not in series for k in keys):
             raise ValueError(f"keys must be a non-empty sequence of names among "
                              f"{tuple(series)}, got {keys!r}")
+        self._check_recorded()
         axes = new_axes(ax, ncols=1 if ax is not None else len(keys))
         if ax is None:
             axes = np.atleast_1d(axes)

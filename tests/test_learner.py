@@ -864,6 +864,32 @@ def test_save_load_round_trip_atomic(tmp_path):
     assert os.listdir(tmp_path) == ["model.pt"]
 
 
+def test_load_of_a_checkpoint_file_says_what_it_is(tmp_path):
+    learn = make()
+    path = tmp_path / "ckpt.pt"
+    learn.fit(1, 0.01, cbs=[Checkpoint(path)])
+    before = snapshot(learn)
+    with pytest.raises(ValueError, match=r"is not a file written by Learner.save; a Checkpoint "
+                                         r"file holds more than weights: resume from it with "
+                                         r"resume_from="):
+        learn.load(path)
+    assert same(before, snapshot(learn))
+
+
+def test_a_monitor_without_a_valid_dl_says_there_is_none():
+    with pytest.raises(ValueError, match=r"^monitor must be one of \['train_loss'\], got "
+                                         r"'valid_loss': the learner has no valid_dl$"):
+        make(valid=None, cbs=[EarlyStopping()])
+
+
+@pytest.mark.parametrize("plot", ["plot_loss", "plot_sched"])
+def test_plots_before_any_training_say_so(plot):
+    learn = make()
+    learn.lr_find(num_it=10)  # a range test records nothing in the recorder's history
+    with pytest.raises(ValueError, match=r"^no training recorded yet: call fit first"):
+        getattr(learn.recorder, plot)()
+
+
 def test_load_mismatched_model_raises_before_anything_changes(tmp_path):
     path = tmp_path / "m.pt"
     make().save(path)
@@ -997,6 +1023,14 @@ BAD_LEARNERS = [
      ValueError, r"^splitter must return a non-empty list of non-empty parameter lists"),
     (lambda: Learner(nn.Linear(4, 1), loader(), loss_func=F.mse_loss, moms=(0.9, 1.5, 0.9)),
      ValueError, r"^moms must lie in \[0, 1\)"),
+    (lambda: Learner(nn.Linear(4, 1), loader(), loss_func=nn.MSELoss), TypeError,
+     r"^loss_func is the class MSELoss: pass an instance, MSELoss\(\)"),
+    (lambda: Learner(nn.Linear(4, 1), loader(), compute_loss=nn.MSELoss), TypeError,
+     r"^compute_loss is the class MSELoss: pass an instance, MSELoss\(\)"),
+    (lambda: Learner(nn.Linear(4, 1), loader(), loss_func=F.mse_loss,
+                     opt_func=torch.optim.SGD(nn.Linear(4, 1).parameters(), lr=0.1)), TypeError,
+     r"^opt_func must build the optimizer from the parameter groups \(such as "
+     r"torch.optim.AdamW\), got an SGD instance$"),
 ]
 
 
@@ -1004,6 +1038,12 @@ BAD_LEARNERS = [
 def test_bad_learner_arguments(call, exc, match):
     with pytest.raises(exc, match=match):
         call()
+
+
+def test_a_single_metric_needs_no_list():
+    learn = make(metrics=mae)
+    learn.fit(1, 0.01)
+    assert "mae" in learn.recorder.values[-1] and "mae" in learn.validate()
 
 
 @pytest.mark.parametrize(("batches", "mult"), [(1, 1), (2, 1), (4, 2)])
@@ -1016,6 +1056,24 @@ def test_sgdr_restarts_on_the_first_step_of_every_cycle(batches, mult):
     for a, b in pairwise(starts):
         assert lrs[a] == pytest.approx(0.1, rel=1e-12)  # a restart at lr_max
         assert all(y < x for x, y in pairwise(lrs[a:b])) and lrs[b - 1] > 0
+
+
+@pytest.mark.parametrize("on", ["learner", "fit"])
+def test_a_torch_scheduler_is_refused_by_a_schedule_that_would_overwrite_it(on):
+    step = TorchScheduler(torch.optim.lr_scheduler.StepLR, step_size=1, gamma=0.1)
+    learn = make(cbs=[step] if on == "learner" else ())
+    cbs = [step] if on == "fit" else None
+    before = snapshot(learn)
+    for call in (lambda: learn.fit_one_cycle(2, 0.01, cbs=cbs),
+                 lambda: learn.fit_flat_cos(2, 0.01, cbs=cbs),
+                 lambda: learn.fine_tune(1, cbs=cbs)):
+        with pytest.raises(ValueError, match=r"^cbs: TorchScheduler\(StepLR, .*\) sets the LR, "
+                                             r"which (fit_one_cycle|fit_flat_cos|fine_tune) "
+                                             r"sets at every step: use it with fit\(\)"):
+            call()
+    assert same(before, snapshot(learn))
+    learn.fit(2, 0.01, cbs=cbs)  # a constant LR leaves it to the scheduler
+    assert learn.recorder.lrs[::4] == pytest.approx([0.01, 0.001])
 
 
 def test_torch_scheduler_from_a_function_of_the_optimizer():
@@ -1127,6 +1185,25 @@ def test_bad_learner_leaves_the_model_alone():
     assert same(w, model.state_dict())
 
 
+class Output:
+    """What a model with its own loss may return: an object holding the loss."""
+
+    def __init__(self, loss):
+        self.loss = loss
+
+
+@pytest.mark.parametrize("run", ["fit", "lr_find", "validate"])
+@pytest.mark.parametrize("kw", [
+    {"compute_loss": lambda m, b: Output(F.mse_loss(m(b[0]), b[1]))},
+    {"loss_func": lambda p, y: F.mse_loss(p, y).item()},
+])
+def test_a_loss_that_is_not_a_tensor_is_named(kw, run):
+    learn = make(**kw)
+    name, got = next(iter(kw)), "Output" if "compute_loss" in kw else "float"
+    with pytest.raises(TypeError, match=rf"^{name} must return the loss as a tensor, got {got}"):
+        learn.fit(1) if run == "fit" else getattr(learn, run)()
+
+
 def test_non_scalar_loss_raises():
     learn = make(loss_func=lambda p, y: (p - y) ** 2)
     with pytest.raises(ValueError, match=r"the loss must be a scalar, got shape \(16, 1\)"):
@@ -1142,6 +1219,17 @@ def test_progress_false_prints_nothing(capsys):
     learn.validate()
     out = capsys.readouterr()
     assert out.out == "" and out.err == ""
+
+
+def test_progress_false_keeps_early_stopping_quiet(capsys):
+    learn = make(metrics=[mae])
+    learn.fit(4, 1e-6, cbs=[EarlyStopping(monitor="mae", mode="max", patience=1)])
+    assert len(learn.recorder.values) == 2  # it stopped
+    out = capsys.readouterr()
+    assert out.out == "" and out.err == ""
+    learn.progress = True
+    learn.fit(4, 1e-6, cbs=[EarlyStopping(monitor="mae", mode="max", patience=1)])
+    assert "early stopping after epoch 1" in capsys.readouterr().out
 
 
 def test_progress_true_prints_a_table_with_metric_names(capsys):
