@@ -187,14 +187,21 @@ class ParamScheduler(Callback):
                                 f"per parameter group, got {sched!r}")
         self.scheds = dict(scheds)
 
+    def per_group(self, n_groups: int) -> dict[str, list[Schedule]]:
+        """Each name's schedules, one per parameter group (ValueError for a list too long/short)."""
+        out = {}
+        for name, sched in self.scheds.items():
+            fns = list(sched) if isinstance(sched, Sequence) else [sched] * n_groups
+            if len(fns) != n_groups:
+                raise ValueError(f"{name} schedules: expected {n_groups} (one per parameter "
+                                 f"group), got {len(fns)}")
+            out[name] = fns
+        return out
+
     def before_fit(self, learn: Learner) -> None:
         groups = learn.opt.param_groups
         self._lr, self._mom = [], []
-        for name, sched in self.scheds.items():
-            fns = list(sched) if isinstance(sched, Sequence) else [sched] * len(groups)
-            if len(fns) != len(groups):
-                raise ValueError(f"{name} schedules: expected {len(groups)} (one per parameter "
-                                 f"group), got {len(fns)}")
+        for name, fns in self.per_group(len(groups)).items():
             if name == "mom" and any(momentum_key(g) is None for g in groups):
                 warn(f"{type(learn.opt).__name__} has neither 'momentum' nor 'betas': "
                      "momentum is not scheduled")

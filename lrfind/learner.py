@@ -263,6 +263,9 @@ class Learner:
             if any(c is cb for c in [*self.cbs, *cbs[:i]]):
                 raise ValueError(f"{name} holds {cb!r} twice or one the learner already has")
         self._check_monitors(cbs)
+        for cb in [*self.cbs, *cbs]:  # before a fit sets any LR
+            if isinstance(cb, ParamScheduler):
+                cb.per_group(len(self.opt.param_groups))
         return cbs
 
     def _check_monitors(self, cbs: list[Callback]) -> None:

@@ -921,6 +921,8 @@ def _trained():
 
 
 BAD_CALLS = [
+    (lambda ln: ln.fit(1, lr=0.5, cbs=[ParamScheduler({"lr": [schedules.constant(0.1)] * 3})]),
+     ValueError, r"^lr schedules: expected 2 \(one per parameter group\), got 3"),
     (lambda ln: ln.fit_one_cycle(1, 0.01, pct_start=0.0), ValueError, r"^pct_start must be in"),
     (lambda ln: ln.fit_one_cycle(1, 0.01, pct_start=1.0), ValueError, r"^pct_start must be in"),
     (lambda ln: ln.fit_one_cycle(1, 0.01, pct_start=-0.2), ValueError, r"^pct_start must be in"),
