@@ -297,7 +297,6 @@ class SaveBest(_Monitor):
         super().__init__(monitor, mode)
         self.path = check_path("path", path)
 
-
     def after_epoch(self, learn: Learner) -> None:
         if self.improved(learn):
             learn.save(self.path)

@@ -384,6 +384,7 @@ def test_param_scheduler_refuses_bad_scheds_when_built(scheds, exc, match):
     with pytest.raises(exc, match=match):
         ParamScheduler(scheds)
 
+
 @pytest.mark.parametrize(("t0", "t_mult"), [(2, 1), (1, 2)])
 def test_cosine_warm_restarts_per_batch_matches_closed_form(t0, t_mult):
     base, eta_min, spe = 0.1, 1e-3, 4
@@ -596,7 +597,6 @@ def test_tensor_lr_stays_the_users_tensor():
     learn.fit_one_cycle(1)  # lr_max from the learner's lr, 1e-3
     assert learn.opt.param_groups[0]["lr"] is lr
     assert lr.item() == pytest.approx(learn.recorder.lrs[-1]) and lr.item() < 1e-7
-
 
 
 def test_recorder_keeps_each_step_value_of_a_tensor_lr():
@@ -902,7 +902,6 @@ def test_load_mismatched_model_raises_before_anything_changes(tmp_path):
     assert same(before, snapshot(other))
     with pytest.raises(FileNotFoundError, match="does not exist"):
         other.load(tmp_path / "nope.pt")
-
 
 
 @pytest.mark.parametrize("beta", [1.0, -0.1, float("nan"), "0.9"])

@@ -211,7 +211,6 @@ def test_slide_needs_16_points():
         assert slide(LRS[:15], DROP[:15]) is None
 
 
-
 @pytest.mark.parametrize(("kwargs", "match"), [
     (dict(width=0), r"^width must be an integer >= 1, got 0"),
     (dict(width=2.5), r"^width must be an integer >= 1, got 2.5"),
@@ -221,6 +220,7 @@ def test_slide_needs_16_points():
 def test_slide_checks_its_parameters(kwargs, match):
     with pytest.raises(ValueError, match=match):
         slide(LRS, DROP, **kwargs)
+
 
 @pytest.mark.parametrize("name", list(SUGGESTIONS))
 def test_nan_never_becomes_the_answer(name):
