@@ -900,3 +900,17 @@ def test_a_loader_with_its_own_sampler_is_not_resharded_silently():
     batches = DataLoader(ds, batch_sampler=BatchSampler(SequentialSampler(ds), 2, False))
     with pytest.raises(ValueError, match=r"^train_dl has its own batch_sampler"):
         distributed_loader(batches, 2, 0)
+
+
+def test_sharding_keeps_the_loaders_order_and_a_distributed_sampler(monkeypatch):
+    from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+
+    from lrfind.distributed import distributed_loader
+
+    monkeypatch.setattr(torch.distributed, "broadcast_object_list", lambda objs, src: None)
+    ds = TensorDataset(torch.arange(8))
+    ordered = distributed_loader(DataLoader(ds, batch_size=2), 2, 0)
+    assert [b[0].tolist() for b in ordered] == [[0, 2], [4, 6]]  # rank 0's share, in order
+    assert distributed_loader(DataLoader(ds, batch_size=2, shuffle=True), 2, 0).sampler.shuffle
+    own = DataLoader(ds, batch_size=2, sampler=DistributedSampler(ds, num_replicas=2, rank=0))
+    assert distributed_loader(own, 2, 0) is own
