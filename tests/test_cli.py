@@ -172,6 +172,7 @@ def test_fit_with_number(task, capsys):
     (["fit", "{task}:make", "--epochs", "-3", "--lr", "1e-2"], "--epochs must be an integer"),
     (["fit", "{task}:make", "--epochs", "1", "--lr", "abc"], "--lr must be a number or one of"),
     (["fit", "{task}:make", "--epochs", "1", "--lr", "-1"], "--lr must be a finite number > 0"),
+    (["fit", "{task}:make", "--epochs", "1", "--lr", "0"], "--lr must be a finite number > 0"),
     (["fit", "{task}:make", "--epochs", "1", "--lr", "nan"], "--lr must be a finite number > 0"),
     (["find", "{task}:make", "--suggest", "steep,bogus"], "unknown suggestion 'bogus'"),
     (["demo", "--epochs", "0"], "--epochs must be an integer >= 1"),
@@ -196,6 +197,13 @@ def test_bad_usage_exits_2_with_one_line(task, capsys, args, message):
     assert stderr.startswith("lrfind: error: ")
     assert message.format(**fill) in stderr
     assert "TARGET ran" not in stdout  # rejected before any work
+
+
+def test_json_files_hold_null_for_nan_and_inf(tmp_path):
+    from lrfind.cli import _write_json
+
+    _write_json(tmp_path / "h.json", {"losses": [1.0, float("nan")], "lr": float("inf")})
+    assert json.loads((tmp_path / "h.json").read_text()) == {"losses": [1.0, None], "lr": None}
 
 
 def test_syntax_errors_use_argparse(task, capsys):

@@ -86,6 +86,7 @@ def test_global_rng_untouched():
         ({"valid_pct": "0.2"}, "valid_pct"),
         ({"seed": -1}, "seed"),
         ({"seed": 2**64}, "seed"),
+        ({"seed": 2**63}, "seed"),
         ({"valid_pct": 0.001}, "valid_pct"),
         ({"valid_pct": 0.999}, "valid_pct"),
         ({"image": 1}, "image"),

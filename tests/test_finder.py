@@ -333,6 +333,21 @@ def test_state_restored_bitwise_after_a_normal_run():
     assert_same_state(before, full_state(learn, g))
 
 
+def test_state_restored_after_a_joining_callback_changed_flags_and_groups():
+    class Meddle(Callback):
+        in_lr_find = True
+
+        def before_fit(self, learn):
+            learn.model[0].bias.requires_grad_(True)  # frozen before the range test
+            learn.opt.param_groups[0]["initial_lr"] = 1.0  # a key the group did not have
+
+    learn, g = prepared_learner()
+    learn.add_cb(Meddle())
+    before = full_state(learn, g)
+    learn.lr_find(num_it=10, stop_div=False)
+    assert_same_state(before, full_state(learn, g))
+
+
 @pytest.mark.parametrize("exc", [RuntimeError, KeyboardInterrupt])
 def test_state_restored_after_an_exception_inside_the_loss(exc):
     learn, g = prepared_learner()
@@ -823,6 +838,14 @@ def test_custom_suggestion_function():
     assert list(res.suggestions) == ["valley", "middle"]
 
 
+@pytest.mark.parametrize("value", [math.inf, math.nan])
+def test_a_custom_suggestion_that_is_not_finite_is_none(value):
+    def odd(lrs, losses):
+        return value
+
+    assert make().lr_find(num_it=10, suggest_funcs=(odd,)).odd is None
+
+
 def test_suggestions_read_the_curve_without_its_first_tenth_and_last_5_points():
     # beta=0: the smoothed losses are the scripted ones. A bowl lowest at step 25, and lower
     # losses still in the first 5 (num_it // 10) and the last 5 steps, which are skipped
@@ -983,10 +1006,17 @@ def test_linear_mode_over_many_decades_warns():
     with pytest.warns(UserWarning, match="mode='linear' from 1e-07 to 10 spends nine tenths") as w:
         make().lr_find(num_it=10, mode="linear")
     assert w[0].filename == __file__  # points at the caller
+    with pytest.warns(UserWarning, match="mode='linear' from 0.001 to 1 spends"):  # 3 decades
+        make().lr_find(num_it=10, mode="linear", start_lr=1e-3, end_lr=1.0)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         make().lr_find(num_it=20, mode="linear", start_lr=1e-3, end_lr=1e-1, stop_div=False,
                        suggest_funcs=("minimum",))
+
+
+def test_rprop_is_warned_about():
+    with pytest.warns(UserWarning, match="Rprop takes lr only as each weight's first step"):
+        make(opt_func=torch.optim.Rprop).lr_find(num_it=10)
 
 
 def test_a_loader_without_a_length_is_refused_by_name():

@@ -251,6 +251,7 @@ def test_discriminative_lrs_over_two_groups(lr, expected):
     learn.fit(1, lr=lr)  # constant per-group LRs
     for groups in learn.opt.seen:
         assert [g["lr"] for g in groups] == pytest.approx(expected, rel=1e-12)
+    assert learn.recorder.lrs == pytest.approx([expected[-1]] * n, rel=1e-12)  # the last group
 
 
 def test_per_group_list_of_wrong_length_raises():
@@ -289,6 +290,9 @@ def test_smooth_losses_are_the_debiased_ema_of_the_losses():
         expected.append(avg / (1 - 0.98**k))
     assert len(losses) == 12 and expected[0] == pytest.approx(losses[0], rel=1e-12)
     assert learn.recorder.smooth_losses == pytest.approx(expected, rel=1e-12)
+    for epoch, row in enumerate(learn.recorder.values):  # the mean of that epoch's steps
+        assert row["train_loss"] == pytest.approx(np.mean(losses[4 * epoch:4 * epoch + 4]),
+                                                  rel=1e-12)
 
 
 def test_wd_is_written_into_every_parameter_group():
@@ -302,6 +306,8 @@ def test_wd_is_written_into_every_parameter_group():
     assert wds(learn) == [0.2, 0.2]
     learn.fit_one_cycle(1)  # no wd: left as it is
     assert wds(learn) == [0.2, 0.2]
+    learn.fit(1, wd=0)
+    assert wds(learn) == [0.0, 0.0]
 
 
 # ---- torch schedulers ------------------------------------------------------------------------
@@ -323,6 +329,14 @@ def test_torch_steplr_per_batch_recorder_logs_the_lr_the_step_used():
     lrs = [s[0]["lr"] for s in learn.opt.seen]
     assert lrs == pytest.approx([0.1, 0.05, 0.025, 0.0125], rel=1e-12)
     assert learn.recorder.lrs == lrs
+
+
+def test_a_torch_scheduler_starts_from_its_fits_lr_after_an_earlier_scheduler():
+    learn = make()
+    for lr in (0.1, 0.01):  # the first fit's scheduler left initial_lr=0.1 in the groups
+        learn.fit(2, lr=lr, cbs=[TorchScheduler(torch.optim.lr_scheduler.LambdaLR,
+                                                lambda epoch: 0.5**epoch)])
+    assert learn.recorder.lrs == pytest.approx([0.01] * 4 + [0.005] * 4, rel=1e-12)
 
 
 class SpyPlateau(torch.optim.lr_scheduler.ReduceLROnPlateau):
@@ -704,6 +718,13 @@ def test_map_nested_keeps_each_containers_type():
     assert obj[0]["ids"] is t  # the input is left as it was
 
 
+def test_a_batch_whose_first_tensor_is_a_scalar_counts_as_one_sample():
+    from lrfind.utils import batch_size
+
+    assert batch_size({"n": torch.tensor(3), "x": torch.ones(5, 2)}) == 1
+    assert batch_size(["name", torch.ones(5, 2)]) == 5  # past a non-tensor field
+
+
 def mae(preds, targets):
     return (preds - targets).abs().mean()
 
@@ -821,6 +842,9 @@ def test_fine_tune_runs():
     assert [g["lr"] for g in seen[0]] == pytest.approx([0.025 / 100 / 5, 0.025 / 5], rel=1e-12)
     # the frozen phase: 4 steps where the first group was frozen
     assert len(learn.opt.seen) == 4 + 8
+    f = schedules.one_cycle(0.05, pct_start=0.99)  # the frozen phase's last group
+    assert [g[-1]["lr"] for g in learn.opt.seen[:4]] == pytest.approx(
+        [f(i / 3) for i in range(4)], rel=1e-12)
     frozen, first = make(two_layer(), splitter=split2, opt_func=sgd_mom), []
 
     class FirstGroup(Callback):
@@ -1246,6 +1270,13 @@ def test_progress_true_prints_a_table_with_metric_names(capsys):
     assert float(rows[1][3]) == pytest.approx(learn.recorder.values[1]["mae"], abs=1e-6)
 
 
+def test_the_table_shows_time_as_minutes_and_seconds():
+    from lrfind.progress import format_row
+
+    row = format_row({"epoch": 3, "train_loss": 0.5, "time": 75.4}, ["epoch", "train_loss", "time"])
+    assert row.split() == ["3", "0.500000", "01:15"]
+
+
 @pytest.mark.parametrize("terminal", [False, True])
 def test_bars_show_on_a_terminal_only(terminal, capsys, monkeypatch):
     monkeypatch.setattr(sys.stderr, "isatty", lambda: terminal)  # capsys's stream
@@ -1381,6 +1412,13 @@ def test_partial_last_accumulation_is_stepped_and_steps_counted():
     for k, v in ref.state_dict().items():
         assert torch.allclose(v, learn.model.state_dict()[k], atol=1e-6), k
     assert learn.recorder.losses == pytest.approx(losses, rel=1e-5)
+
+
+def test_one_cycle_counts_a_short_last_accumulation_as_a_step():
+    learn = make(accum_steps=3)  # 4 batches: steps over 3 batches and over 1
+    learn.fit_one_cycle(2, 0.1)
+    f = schedules.one_cycle(0.1)
+    assert learn.recorder.lrs == pytest.approx([f(i / 3) for i in range(4)], rel=1e-12)
 
 
 def test_clip_grad_limits_the_global_norm():

@@ -133,6 +133,11 @@ def test_sgdr_each_cycle_anneals_then_restarts(n_cycles, mult):
     assert f(1.0) == 0.1
 
 
+def test_sgdr_a_rounding_error_short_of_a_restart_is_the_restart():
+    f = S.sgdr(1.0, 2, cycle_mult=1)
+    assert f(np.nextafter(0.5, 0.0)) == 1.0  # not the end of the first cycle, 0
+
+
 def _all_schedules():
     return {
         "constant": (S.constant(0.3), 0.3, 0.3),
@@ -171,7 +176,8 @@ def test_one_cycle_endpoints_exact_over_grid(lr_max):
                 assert f(1.0) == lr_max / div_final
 
 
-@pytest.mark.parametrize(("start", "end"), [(1e-7, 10.0), (3e-5, 7e-1), (0.9, 1e-6), (2.0, 3.0)])
+@pytest.mark.parametrize(("start", "end"), [(1e-7, 10.0), (3e-5, 7e-1), (0.9, 1e-6), (2.0, 3.0),
+                                           (0.3, 0.7)])  # 0.3 * (0.7 / 0.3) != 0.7
 def test_simple_phases_endpoints_exact_over_grid(start, end):
     for f in (S.linear(start, end), S.cosine(start, end), S.exponential(start, end),
               S.polynomial(start, end, 0.5), S.polynomial(start, end, 3.0)):
@@ -263,6 +269,7 @@ BAD = [
     (lambda: S.join([S.constant(1.0)], [0.5, 0.5]), "phases and pcts must be non-empty and of "
                                                     "equal length, got 1 and 2"),
     (lambda: S.join([S.constant(1.0)], [0.5]), "pcts must sum to 1"),
+    (lambda: S.join([S.constant(1.0)] * 2, [0.5, 0.499]), "pcts must sum to 1"),
     (lambda: S.join([S.constant(1.0)] * 2, [1.0, 0.0]), "pcts must all be > 0"),
     (lambda: S.join([S.constant(1.0)] * 2, [0.5, "x"]), "^pcts must be a finite number"),
     (lambda: S.one_cycle(0.0), "^lr_max must be > 0"),
@@ -278,6 +285,7 @@ BAD = [
     (lambda: S.one_cycle_moms(pct_start=-0.1), "^pct_start must be in"),
     (lambda: S.one_cycle_moms((0.95, 1.2, 0.95)), r"^moms must lie in \[0, 1\), got \(0.95, 1.2"),
     (lambda: S.one_cycle_moms((-0.1, 0.85, 0.95)), r"^moms must lie in \[0, 1\)"),
+    (lambda: S.one_cycle_moms((0.95, 0.85, 1.0)), r"^moms must lie in \[0, 1\)"),
     (lambda: S.flat_cos(-1.0), "^lr must be > 0"),
     (lambda: S.flat_cos(1.0, pct_start=1.0), "^pct_start must be in"),
     (lambda: S.warmup_cosine(1.0, warmup_pct=0.0), "^warmup_pct must be in"),

@@ -72,6 +72,14 @@ def test_minimum_takes_the_centre_of_a_flat_bottom():
     assert _log(minimum(10**x, losses)) == pytest.approx(-3, abs=0.05)
 
 
+def test_minimum_takes_the_run_within_a_tenth_of_the_drop():
+    x = np.linspace(-6, 0, 121)
+    # falls by 1 to its lowest at 1e-4, then rises 0.1 a decade: within 10% of the drop
+    # from 1e-4 to 1e-3, whose middle in log10 is -3.5 (-3 with 20%)
+    losses = np.where(x < -4, 1 + 0.5 * (-4 - x), 1 + 0.1 * (x + 4))
+    assert _log(minimum(10**x, losses)) == pytest.approx(-4.5, abs=0.15)
+
+
 def test_steep_finds_the_middle_of_the_descent():
     assert _log(steep(LRS, DROP)) == pytest.approx(-3, abs=0.1)
 
@@ -139,6 +147,15 @@ def test_a_fall_after_the_blow_up_is_not_the_descent(name):
 
 
 @pytest.mark.parametrize("name", ["minimum", "steep", "auto"])
+def test_the_blow_up_starts_where_the_loss_first_passes_4x_its_lowest(name):
+    # falls to 0.5, jumps to 2.25 (4.5x) for 5 points, then falls far lower: the stop rule
+    # (div_th=4) would have ended the sweep at the jump, so nothing from there counts
+    losses = np.r_[np.ones(20), np.linspace(1, 0.5, 20), np.full(6, 0.5), np.full(5, 2.25),
+                   np.linspace(2.25, 0.05, 25)]
+    assert SUGGESTIONS[name](LRS, losses) == SUGGESTIONS[name](LRS[:46], losses[:46])
+
+
+@pytest.mark.parametrize("name", ["minimum", "steep", "auto"])
 def test_a_run_past_its_blow_up_is_read_before_it(name):
     # stop_div=False: the loss climbs to 1e30 before it turns non-finite
     past = DROP.copy()
@@ -162,6 +179,13 @@ def test_valley_on_a_v_shape():
     assert valley(lrs, losses) == 4.0
 
 
+def test_valley_counts_a_run_of_equal_losses_once():
+    losses = np.r_[10.0, 9, 9, 9, 8, 7, 7, 7, 6, 5, 4, 3, 2, 1, np.arange(2.0, 8)]
+    lrs = np.arange(1.0, len(losses) + 1)
+    # strictly decreasing: 10, 9, 8, ..., 1, length 10 ending at index 13: 13 - 10 + 3 + 1 = 7
+    assert valley(lrs, losses) == 8.0
+
+
 def test_slide_golden():
     i = np.arange(50.0)
     flat_then_quadratic = np.where(i < 29, 1.0, 1 + 0.02 * (i - 29) ** 2)
@@ -169,6 +193,11 @@ def test_slide_golden():
     # answer is the left end of the window before, as in fastai 2.8 (checked against it)
     assert slide(i + 1, flat_then_quadratic) == 15.0
     assert slide(i[:30] + 1, np.ones(30)) == 15.0  # the first window qualifies: lrs[-16]
+
+
+def test_slide_takes_slopes_that_differ_by_exactly_thresh():
+    i = np.arange(30.0)
+    assert slide(i + 1, 2 - 0.01 * i, thresh=0) == 15.0  # a line: its slopes differ by 0
 
 
 def test_slide_returns_first_lr_when_no_window_is_flat():
@@ -179,7 +208,7 @@ def test_slide_returns_first_lr_when_no_window_is_flat():
 def test_auto_is_geometric_mean_of_half_drop_and_half_a_decade_below_the_lowest_loss():
     half = -3.0  # the tanh is halfway down at its centre
     lowest = _log(minimum(LRS, DROP)) + 1
-    assert _log(auto(LRS, DROP)) == pytest.approx((half + lowest - 0.5) / 2, abs=0.05)
+    assert _log(auto(LRS, DROP)) == pytest.approx((half + lowest - 0.5) / 2, abs=0.02)
     assert half < _log(auto(LRS, DROP)) < lowest - 0.5 < 0  # below the blow-up
 
 
@@ -190,6 +219,9 @@ def test_auto_warns_on_a_denser_sweep_than_it_is_made_for():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         auto(LRS, DROP)  # 12.5 points a decade: silent
+    x = np.linspace(-6, 0, 361)  # 60 points a decade, just over AUTO_MAX_DENSITY
+    with pytest.warns(UserWarning, match="60 points a decade"):
+        auto(10**x, 1 - 0.5 * np.tanh(2 * (x + 3)))
 
 
 def test_registry():
@@ -209,6 +241,7 @@ def test_too_short_returns_none_with_warning(name, n):
 def test_slide_needs_16_points():
     with pytest.warns(UserWarning, match="at least 16"):
         assert slide(LRS[:15], DROP[:15]) is None
+    assert slide(LRS[:16], DROP[:16]) is not None
 
 
 @pytest.mark.parametrize(("kwargs", "match"), [
@@ -220,6 +253,13 @@ def test_slide_needs_16_points():
 def test_slide_checks_its_parameters(kwargs, match):
     with pytest.raises(ValueError, match=match):
         slide(LRS, DROP, **kwargs)
+
+
+@pytest.mark.parametrize("name", list(SUGGESTIONS))
+def test_a_non_positive_lr_cuts_the_curve(name):
+    lrs = LRS.copy()
+    lrs[50] = 0.0
+    assert SUGGESTIONS[name](lrs, DROP) == SUGGESTIONS[name](LRS[:50], DROP[:50])
 
 
 @pytest.mark.parametrize("name", list(SUGGESTIONS))

@@ -253,6 +253,19 @@ def test_early_stopping_max_mode_and_min_delta(min_delta, epochs):
         EarlyStopping(min_delta=True)
 
 
+@pytest.mark.parametrize("mode", ["min", "max"])
+def test_early_stopping_does_not_take_an_equal_value_for_an_improvement(mode):
+    class FakeValid(Callback):
+        order = 60
+
+        def after_epoch(self, learn):
+            learn.recorder.values[-1]["valid_loss"] = 1.0
+
+    learn = make_learner()
+    learn.fit(4, 1e-3, cbs=[FakeValid(), EarlyStopping(mode=mode, patience=2)])
+    assert len(learn.recorder.values) == 3  # 1.0 after 1.0 twice: stopped before epoch 3
+
+
 VALUES = [1.0, 0.5, 0.6, 0.4, 0.7, 0.8, 0.9, 0.9]
 
 
@@ -277,7 +290,8 @@ def test_resume_with_early_stopping_and_save_best_is_exact(tmp_path):
     assert len(full.recorder.values) == 6  # best at epoch 3, no better at 4 and 5
     cut = make_learner()
     with pytest.raises(KeyboardInterrupt):
-        cut.fit_one_cycle(8, 1e-2, cbs=[*cbs(tmp_path / "cut"), StopAt(3)])
+        # after epoch 4: EarlyStopping has waited one epoch since the best, at epoch 3
+        cut.fit_one_cycle(8, 1e-2, cbs=[*cbs(tmp_path / "cut"), StopAt(4)])
     resumed = make_learner()
     resumed.fit_one_cycle(8, 1e-2, cbs=cbs(tmp_path / "cut"), resume_from=tmp_path / "cut/ck.pt")
     assert len(resumed.recorder.values) == 6
@@ -481,6 +495,11 @@ def test_resume_with_other_settings_is_refused(tmp_path):
     # 10 batches make 2 optimizer steps an epoch with accum_steps 5 and with 6
     with pytest.raises(ValueError, match=r"'accum_steps': 5.*not by .*'accum_steps': 6"):
         make_learner(accum_steps=6).fit(2, 1e-2, wd=0.1, cbs=step, resume_from=path)
+    short = make_learner(accum_steps=5)  # 5 batches of 32: one optimizer step an epoch
+    short.train_dl = torch.utils.data.DataLoader(short.train_dl.dataset, batch_size=32)
+    with pytest.raises(ValueError, match=r"^the checkpoint's run had 4 optimizer steps, this "
+                                         r"one would have 2"):
+        short.fit(2, 1e-2, wd=0.1, cbs=step, resume_from=path)
     with pytest.raises(TypeError, match=r"^resume_from must be a path \(str or os.PathLike\), "
                                         r"got 123"):
         make_learner().fit(2, 1e-2, resume_from=123)
@@ -639,6 +658,20 @@ def test_fp16_range_test_retries_the_lr_of_a_step_skipped_for_an_overflow():
     assert stepped == res.lrs  # batch 5 stepped at the LR batch 4 could not
     assert len(res.raw_losses) == 20 and all(np.isfinite(res.raw_losses))
     assert learn.scaler.get_scale() == 2.0**16  # the overflow's halving is undone
+
+
+def test_fp16_range_test_on_a_one_batch_loader_takes_every_step():
+    # one optimizer step per epoch: the sweep has epochs to spare for the skipped one
+    overflow = OverflowAt(4)
+    torch.manual_seed(0)
+    x = torch.randn(32, 8)
+    dl = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, (x[:, 0] > 0).long()),
+                                     batch_size=32)
+    learn = lrfind.Learner(nn.Linear(8, 2), dl, loss_func=F.cross_entropy, precision="fp16",
+                           progress=False, cbs=[overflow])
+    res = learn.lr_find(num_it=10, stop_div=False, show_plot=False)
+    assert overflow.batches == 11 and len(res.lrs) == 10
+    assert res.stop_reason == "num_it reached"
 
 
 class GradNorm(Callback):
@@ -867,3 +900,17 @@ def test_a_loader_with_its_own_sampler_is_not_resharded_silently():
     batches = DataLoader(ds, batch_sampler=BatchSampler(SequentialSampler(ds), 2, False))
     with pytest.raises(ValueError, match=r"^train_dl has its own batch_sampler"):
         distributed_loader(batches, 2, 0)
+
+
+def test_sharding_keeps_the_loaders_order_and_a_distributed_sampler(monkeypatch):
+    from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+
+    from lrfind.distributed import distributed_loader
+
+    monkeypatch.setattr(torch.distributed, "broadcast_object_list", lambda objs, src: None)
+    ds = TensorDataset(torch.arange(8))
+    ordered = distributed_loader(DataLoader(ds, batch_size=2), 2, 0)
+    assert [b[0].tolist() for b in ordered] == [[0, 2], [4, 6]]  # rank 0's share, in order
+    assert distributed_loader(DataLoader(ds, batch_size=2, shuffle=True), 2, 0).sampler.shuffle
+    own = DataLoader(ds, batch_size=2, sampler=DistributedSampler(ds, num_replicas=2, rank=0))
+    assert distributed_loader(own, 2, 0) is own
