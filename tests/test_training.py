@@ -328,6 +328,43 @@ def test_resume_with_a_torch_scheduler_is_exact(tmp_path, sched):
     assert same(weights(full), weights(resumed))
 
 
+def two_groups(model):
+    return [list(model[0].parameters()), list(model[3].parameters())]
+
+
+FITS = {  # each method on make_learner's task, 3 epochs of 10 batches
+    "fit_sgdr": lambda learn, **kw: learn.fit_sgdr(2, 1, 1e-2, **kw),
+    "fit_warmup_cosine": lambda learn, **kw: learn.fit_warmup_cosine(3, slice(1e-3, 1e-2), **kw),
+    "fit_flat_cos": lambda learn, **kw: learn.fit_flat_cos(3, 1e-2, wd=0.1, **kw),
+    "fine_tune": lambda learn, **kw: learn.fine_tune(2, base_lr=1e-2, **kw),
+    "fit": lambda learn, **kw: learn.fit(3, 1e-2, **kw),
+}
+
+
+@pytest.mark.parametrize(("method", "kw", "every", "stop"), [
+    ("fit_sgdr", {"accum_steps": 3, "precision": "bf16"}, 2, 5),  # 4 steps an epoch
+    ("fit_warmup_cosine", {"accum_steps": 2, "clip_grad": 0.5, "splitter": two_groups}, 1, 7),
+    ("fit_flat_cos", {"opt_func": torch.optim.Adam}, "epoch", 19),
+    ("fine_tune", {"splitter": two_groups, "accum_steps": 4}, 1, 1),  # in the frozen phase
+    ("fine_tune", {"splitter": two_groups}, 3, 14),  # in the second phase
+    ("fit", {"opt_func": lambda params, lr: torch.optim.SGD(params, lr, momentum=0.9),
+             "accum_steps": 3}, 1, 6),
+])
+def test_resume_is_exact_for_every_method(tmp_path, method, kw, every, stop):
+    path, fit = tmp_path / "ck.pt", FITS[method]
+    full = make_learner(**kw)
+    fit(full)
+    cut = make_learner(**kw)
+    with pytest.raises(KeyboardInterrupt):
+        fit(cut, cbs=[Checkpoint(path, every=every), StopAt(step=stop)])
+    assert cut.train_iter == stop + 1 < full.train_iter  # stopped mid-run
+    resumed = make_learner(**kw)
+    fit(resumed, cbs=[Checkpoint(path, every=every)], resume_from=path)
+    assert same(weights(full), weights(resumed))
+    assert resumed.recorder.lrs == full.recorder.lrs
+    assert resumed.opt.state_dict()["param_groups"] == full.opt.state_dict()["param_groups"]
+
+
 @pytest.mark.parametrize("stop", [5, 9])  # mid-epoch; the last step of epoch 0
 def test_resume_from_a_step_checkpoint_keeps_the_epoch_rows(tmp_path, stop):
     full = make_learner()
