@@ -200,7 +200,8 @@ class ParamScheduler(Callback):
 
     def before_fit(self, learn: Learner) -> None:
         groups = learn.opt.param_groups
-        self._lr, self._mom = [], []
+        self._lr: list[tuple[dict[str, Any], Schedule]] = []  # (param group, its schedule)
+        self._mom: list[tuple[dict[str, Any], Schedule]] = []
         for name, fns in self.per_group(len(groups)).items():
             if name == "mom" and any(momentum_key(g) is None for g in groups):
                 warn(f"{type(learn.opt).__name__} has neither 'momentum' nor 'betas': "

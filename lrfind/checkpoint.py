@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import os
 import re
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 from torch import nn
@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from .learner import Learner
 
 FORMAT = "lrfind-checkpoint-1"
+T = TypeVar("T")
 
 
 def stateful_callbacks(learn: Learner, cbs: list[Callback]) -> list[Callback]:
@@ -67,13 +68,13 @@ def training_state(learn: Learner, mid_epoch: bool) -> dict[str, Any]:
     }
 
 
-def _every_process(learn: Learner, rng: dict) -> list[dict]:
+def _every_process(learn: Learner, rng: T) -> list[T]:
     """The RNG state of every process, in rank order: each may draw its own numbers."""
     if learn.world_size == 1:
         return [rng]
     import torch.distributed as dist
 
-    states: list = [None] * learn.world_size
+    states: list[Any] = [None] * learn.world_size
     dist.all_gather_object(states, rng)
     return states
 
@@ -136,7 +137,7 @@ def apply_checkpoint(learn: Learner, state: dict[str, Any]) -> None:
     learn.recorder.load_state_dict(state["recorder"])
     if "callbacks" in state:
         learn.resume_cbs = [s for _, s in state["callbacks"]]
-    sampler = getattr(learn.train_dl, "sampler", None)
+    sampler: Any = getattr(learn.train_dl, "sampler", None)
     if state.get("sampler_seed") is not None and hasattr(sampler, "seed"):
         sampler.seed = state["sampler_seed"]
     learn.epoch, learn.train_iter = state["epoch"], state["train_iter"]
@@ -149,10 +150,10 @@ def apply_checkpoint(learn: Learner, state: dict[str, Any]) -> None:
     learn.resuming = True
 
 
-def load_callback_states(learn: Learner) -> None:
+def load_callback_states(learn: Learner, states: list[dict]) -> None:
     """Hand each stateful callback of a resumed fit its saved state (after ``before_fit``)."""
     cbs = stateful_callbacks(learn, [*learn.cbs, *learn._extra])
-    for cb, state in zip(cbs, learn.resume_cbs, strict=True):
+    for cb, state in zip(cbs, states, strict=True):
         cb.load_state_dict(state)
     learn.resume_cbs = None
 
@@ -191,8 +192,8 @@ class Checkpoint(Callback):
         # with it; on the next batch when a callback cancelled the rest of that one. Always
         # "mid-epoch", also after an epoch's last step: validation and after_epoch have not
         # run yet, so a resume replays the epoch's end from here.
-        n = learn.train_iter
-        if self.every != "epoch" and n // self.every > self.saved // self.every:
+        n, every = learn.train_iter, self.every
+        if not isinstance(every, str) and n // every > self.saved // every:  # str: "epoch"
             self._save(learn, mid_epoch=True)
             self.saved = n
 

@@ -98,9 +98,10 @@ def load_learner(target: str) -> Learner:
             sys.path.insert(0, folder)
         mod_name = f"_lrfind_target_{path.stem}"
         spec = importlib.util.spec_from_file_location(mod_name, path)
-        module = importlib.util.module_from_spec(spec)
+        # spec is None for a file without a Python suffix: not handled yet (an AttributeError)
+        module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
         sys.modules[mod_name] = module
-        spec.loader.exec_module(module)
+        spec.loader.exec_module(module)  # type: ignore[union-attr]
     else:
         # Console scripts do not put the working directory on sys.path; `python -m` does.
         if os.getcwd() not in sys.path and "" not in sys.path:
@@ -207,9 +208,10 @@ def _fit(learn: Learner, epochs: int, lr: float | str, pct_start: float, quiet: 
         names = tuple(dict.fromkeys(("minimum", "steep", "valley", lr)))  # lr last, once
         res = learn.lr_find(num_it=AUTO_NUM_IT, suggest_funcs=names, show_plot=False)
         _print_suggestions(res)
-        if res[lr] is None:
+        found = res[lr]
+        if found is None:
             raise RuntimeError(f"the range test gave no {lr!r} suggestion (see its warning)")
-        lr = res[lr]
+        lr = found
     print(f"fit_one_cycle({epochs}, lr_max={lr:.2e}, pct_start={pct_start})")
     learn.fit_one_cycle(epochs, lr_max=lr, pct_start=pct_start)
     if quiet:
@@ -234,6 +236,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
         learn = Learner(model, train_dl, valid_dl, loss_func=F.cross_entropy,
                         metrics=[accuracy], progress=not args.quiet)
         res = _fit(learn, epochs, "auto", 0.25, args.quiet)
+        assert out is not None  # demo's --out has a default
         files = _write_fit(learn, res, out)
     finally:
         torch.set_num_threads(threads)

@@ -56,7 +56,8 @@ def distributed_loader(dl: Any, world_size: int, rank: int) -> Any:
         return dl
     plain = (type(dl.sampler) in (RandomSampler, SequentialSampler)
              and not getattr(dl.sampler, "replacement", False)
-             and len(dl.sampler) == len(dl.dataset))  # no num_samples of its own
+             # no num_samples of its own (torch types Sampler and Dataset without a length)
+             and len(dl.sampler) == len(dl.dataset))  # type: ignore[arg-type]
     if dl.batch_size is None or not plain:
         kind = ("batch_sampler (or batch_size=None)" if dl.batch_size is None
                 else f"{type(dl.sampler).__name__} settings")
@@ -65,9 +66,9 @@ def distributed_loader(dl: Any, world_size: int, rank: int) -> Any:
                          "use batch_size and shuffle")
     seed = [dl.generator.initial_seed() if dl.generator is not None else torch.initial_seed()]
     dist.broadcast_object_list(seed, src=0)  # every process must shuffle alike
-    sampler = DistributedSampler(dl.dataset, world_size, rank,
-                                 shuffle=isinstance(dl.sampler, RandomSampler),
-                                 seed=seed[0] % 2**63, drop_last=dl.drop_last)
+    sampler: DistributedSampler[Any] = DistributedSampler(
+        dl.dataset, world_size, rank, shuffle=isinstance(dl.sampler, RandomSampler),
+        seed=seed[0] % 2**63, drop_last=dl.drop_last)
     return DataLoader(dl.dataset, batch_size=dl.batch_size, sampler=sampler,
                       num_workers=dl.num_workers, collate_fn=dl.collate_fn,
                       pin_memory=dl.pin_memory, drop_last=dl.drop_last,

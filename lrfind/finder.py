@@ -107,7 +107,7 @@ def preserved(learn: Learner, cbs: Sequence[Callback] = ()) -> Iterator[None]:
     scaler = learn.scaler  # fit runs on a fresh scaler: the user's comes back as it was
     scaler_state = None if scaler is None else _save(scaler.state_dict())
     rng = get_rng_state(dl)
-    sampler = getattr(dl, "sampler", None)
+    sampler: Any = getattr(dl, "sampler", None)
     epoch = getattr(sampler, "epoch", None) if hasattr(sampler, "set_epoch") else None
     workers = getattr(dl, "_iterator", None)  # a DataLoader's persistent workers, if any
     attrs = {k: getattr(learn, k) for k in ("epoch", "n_epoch", "train_iter", "iter",
@@ -152,7 +152,9 @@ def preserved(learn: Learner, cbs: Sequence[Callback] = ()) -> Iterator[None]:
             setattr(learn, k, v)
         for cb, state in cb_states:
             cb.load_state_dict(state)
-        learn.batch = learn.loss = learn.loss_grad = learn.step_loss = learn.pred = None
+        learn.batch = learn.pred = None
+        # typed as tensors for callbacks, which read them during a fit; the sweep's are dropped
+        learn.loss = learn.loss_grad = learn.step_loss = None  # type: ignore[assignment]
 
 
 class LRFindResult:

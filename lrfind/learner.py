@@ -59,6 +59,8 @@ from .utils import (
 )
 
 if TYPE_CHECKING:
+    from torch.nn.parallel import DistributedDataParallel
+
     from .finder import LRFindResult, Suggestion
 
 LR = float | slice | Sequence[float]
@@ -114,6 +116,13 @@ class Learner:
     ``progress=True`` (default) prints a table row per epoch, with tqdm bars in a terminal or
     a notebook (none when stderr is a file or a pipe, as in a log).
     """
+
+    # set during a fit for the callbacks to read (a range test leaves them None)
+    batch: Any
+    pred: Any
+    loss: torch.Tensor
+    loss_grad: torch.Tensor
+    step_loss: torch.Tensor
 
     def __init__(self, model: nn.Module, train_dl: Any, valid_dl: Any = None, *,
                  loss_func: Callable[..., torch.Tensor] | None = None,
@@ -204,10 +213,15 @@ class Learner:
             except (RuntimeError, ValueError) as e:
                 raise ValueError(f"precision={precision!r} is not supported on "
                                  f"{self.device.type}: {e}") from None
-        self._autocast = contextlib.nullcontext if dtype is None else functools.partial(
-            torch.autocast, device_type=self.device.type, dtype=dtype)
+        self._autocast: Callable[[], contextlib.AbstractContextManager[Any]]
+        if dtype is None:
+            self._autocast = contextlib.nullcontext
+        else:
+            self._autocast = functools.partial(torch.autocast, device_type=self.device.type,
+                                               dtype=dtype)
         self.scaler = torch.amp.GradScaler(self.device.type) if precision == "fp16" else None
-        self.model, self.ddp, self.train_model = model, None, model  # training calls train_model
+        self.model, self.train_model = model, model  # training calls train_model
+        self.ddp: DistributedDataParallel | None = None  # wraps the model as train_model
         if self.world_size > 1:
             train_dl = distributed_loader(train_dl, self.world_size, self.rank)
             check_same_length(train_dl)
@@ -236,8 +250,12 @@ class Learner:
             self.add_cb(cb)
         self.epoch, self.n_epoch, self.train_iter, self.iter = 0, 0, 0, 0
         self.total_steps, self.steps_per_epoch, self.step_n = 0, 0, 0
-        self.resuming, self.fit_error, self.valid_result = False, None, None
-        self.resume_skip, self.resume_rng, self.epoch_rng = 0, None, None
+        self.resuming = False
+        self.fit_error: BaseException | None = None
+        self.valid_result: dict[str, float] | None = None
+        self.resume_skip = 0
+        self.resume_rng: dict | None = None  # set with resume_skip, to go on after the skip
+        self.epoch_rng: dict | None = None  # at the start of the current epoch
         self.resume_cbs: list[dict] | None = None  # states of stateful callbacks, to resume
         self.sched_args: dict[str, Any] = {}
         self.is_main = self.rank == 0
@@ -270,8 +288,9 @@ class Learner:
 
     def _check_monitors(self, cbs: list[Callback]) -> None:
         for cb in [*self.cbs, *cbs]:  # a callback that reads a monitored value names it
-            if getattr(cb, "monitor", None) is not None:
-                self.check_monitor(cb.monitor)
+            monitor = getattr(cb, "monitor", None)
+            if monitor is not None:
+                self.check_monitor(monitor)
 
     def _sort_handlers(self, only: list[Callback] | None = None) -> None:
         cbs = sorted(self.cbs + self._extra if only is None else only, key=lambda c: c.order)
@@ -330,6 +349,7 @@ class Learner:
             if not isinstance(batch, (list, tuple)) or len(batch) < 2:
                 raise TypeError(f"a batch must be (x, y) or (x1, ..., xn, y), got "
                                 f"{type(batch).__name__}; pass compute_loss for other batches")
+            assert self.loss_func is not None  # __init__ refuses both None
             self.pred = model(*batch[:-1])
             name, loss = "loss_func", self.loss_func(self.pred, batch[-1])
         if not isinstance(loss, torch.Tensor):  # such as a model's output object, or .item()
@@ -339,7 +359,7 @@ class Learner:
 
     def _train_epoch(self) -> None:
         self.model.train()
-        sampler = getattr(self.train_dl, "sampler", None)
+        sampler: Any = getattr(self.train_dl, "sampler", None)
         if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(self.epoch)  # DistributedSampler: a new shuffle every epoch
         self.epoch_rng = self.rng_state()
@@ -353,6 +373,7 @@ class Learner:
         if skip:  # resuming mid-epoch: replay the order, skip what was seen, then the RNGs
             for _ in range(skip):
                 next(batches)
+            assert self.resume_rng is not None  # apply_checkpoint sets it with resume_skip
             set_rng_state(self.resume_rng, self.train_dl)
             self.resume_skip, self.resume_rng = 0, None
         for self.iter, batch in enumerate(batches, start=skip):
@@ -429,7 +450,7 @@ class Learner:
             try:
                 self._event("before_fit")
                 if self.resume_cbs is not None:
-                    load_callback_states(self)
+                    load_callback_states(self, self.resume_cbs)
                 for epoch in range(self.epoch, n_epoch):
                     self.epoch, self.valid_result = epoch, None
                     try:
@@ -477,7 +498,7 @@ class Learner:
         auto = isinstance(lr, str)
         if auto and lr != "auto":
             raise ValueError(f"{name} must be a float, slice, sequence or 'auto', got {lr!r}")
-        lrs = None if auto else self._lrs(lr, name)
+        lrs = None if auto else self._lrs(lr, name)  # None: the range test (or resume) sets it
         self._check_wd(wd)
         cbs = self._new_cbs(cbs)
         if scheds is not None:
@@ -487,11 +508,11 @@ class Learner:
         # what a checkpoint must match to resume: the call and what shapes its steps
         call = {"method": method, "lrs": lrs, "wd": wd, "accum_steps": self.accum_steps, **args}
         if state is not None:
-            call["lrs"] = lrs = state["sched"]["lrs"] if auto else lrs
+            call["lrs"] = lrs = state["sched"]["lrs"] if lrs is None else lrs
             if {**call, **state["sched"]} != call:  # a key of a later version: the call's
                 raise ValueError(f"resume_from was written by {state['sched']}, not by {call}: "
                                  "resume with the same call")
-        elif auto:
+        elif lrs is None:  # "auto"
             with self._with_cbs(cbs):  # the fit's callbacks marked in_lr_find join the sweep
                 found = self.lr_find(num_it=AUTO_NUM_IT, suggest_funcs=("auto",),
                                      show_plot=False).auto
@@ -526,8 +547,9 @@ class Learner:
             raise ValueError(f"wd={wd!r}, but {type(self.opt).__name__} has no weight decay")
 
     def _set_wd(self, wd: float | None) -> None:
-        for g in self.opt.param_groups if wd is not None else []:
-            g["weight_decay"] = float(wd)  # a numpy value would not load
+        if wd is not None:
+            for g in self.opt.param_groups:
+                g["weight_decay"] = float(wd)  # a numpy value would not load
 
     def _set_lrs(self, lrs: list[float]) -> None:
         for g, v in zip(self.opt.param_groups, lrs):
@@ -631,10 +653,11 @@ class Learner:
                   (epochs, resolve_lrs(slice(base_lr / 2 / lr_mult, base_lr / 2), n))]
         first = resume_from is None
         if not first:  # which phase wrote it, told before anything changes
-            state = load_checkpoint(check_path("resume_from", resume_from))
+            path = check_path("resume_from", resume_from)
+            state = load_checkpoint(path)
             written = (state["n_epoch"], state["sched"].get("lrs"))
             if written not in phases[not freeze_epochs:]:
-                raise ValueError(f"resume_from {os.fspath(resume_from)!r} was written by a fit of "
+                raise ValueError(f"resume_from {path!r} was written by a fit of "
                                  f"{written[0]} epochs at lrs {written[1]}, not by a phase of "
                                  f"this fine_tune: resume with the same arguments")
             first = written == phases[0]
@@ -681,7 +704,8 @@ class Learner:
         Returns ``{"valid_loss": ..., <metric>: ...}``; batch means are weighted by batch size.
         """
         dl = self._eval_loader(dl)
-        n, sums = 0, [0.0] * (1 + len(self.metrics))
+        n = 0
+        sums: list[float | torch.Tensor] = [0.0] * (1 + len(self.metrics))
         with self._eval_mode():
             for batch in dl:
                 batch = to_device(batch, self.device)

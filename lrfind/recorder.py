@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -78,12 +79,12 @@ class Recorder(Callback):
         values = torch.stack(self._pending).float()
         if learn is not None:
             values = learn.reduce_loss(values)  # one collective per chunk under DDP
-        values = values.cpu().tolist()
+        losses: list[float] = values.cpu().tolist()
         self._pending.clear()
         start = len(self._losses)
-        self._losses.extend(values)
+        self._losses.extend(losses)
         if learn is not None:
-            for i, v in enumerate(values):
+            for i, v in enumerate(losses):
                 if not np.isfinite(v):
                     raise FloatingPointError(
                         f"non-finite training loss {v} at epoch {learn.epoch}, optimizer step "
@@ -176,7 +177,7 @@ class Recorder(Callback):
         """
         from .plots import new_axes
 
-        series = {"lr": self.lrs, "mom": self.moms}
+        series: dict[str, Sequence[float | None]] = {"lr": self.lrs, "mom": self.moms}
         if isinstance(keys, str) or not keys or any(k not in series for k in keys):
             raise ValueError(f"keys must be a non-empty sequence of names among "
                              f"{tuple(series)}, got {keys!r}")

@@ -10,6 +10,7 @@ import random
 import sys
 import warnings
 from collections.abc import Callable, Mapping, MutableMapping
+from types import FrameType
 from typing import Any
 
 import numpy as np
@@ -18,7 +19,8 @@ import torch
 
 def warn(message: str) -> None:
     """``warnings.warn`` attributed to the first caller outside lrfind (the user's line)."""
-    frame, level = sys._getframe(1), 2
+    frame: FrameType | None = sys._getframe(1)
+    level = 2
     while frame is not None and frame.f_globals.get("__name__", "").startswith("lrfind."):
         frame, level = frame.f_back, level + 1
     warnings.warn(message, stacklevel=level)
