@@ -91,17 +91,18 @@ def load_learner(target: str) -> Learner:
         path = Path(where)
         if not path.is_file():
             raise UsageError(f"TARGET file {where!r} does not exist")
+        mod_name = f"_lrfind_target_{path.stem}"  # prefixed: it shadows no installed module
+        spec = importlib.util.spec_from_file_location(mod_name, path)
+        if spec is None or spec.loader is None:  # importlib knows the file by its suffix
+            raise UsageError(f"TARGET file {where!r} is not a Python file (.py)")
         # Like `python file.py`: the file's folder comes first on sys.path, so it can import
-        # its neighbours. A prefixed module name keeps it from shadowing an installed module.
+        # its neighbours.
         folder = str(path.resolve().parent)
         if folder not in sys.path:
             sys.path.insert(0, folder)
-        mod_name = f"_lrfind_target_{path.stem}"
-        spec = importlib.util.spec_from_file_location(mod_name, path)
-        # spec is None for a file without a Python suffix: not handled yet (an AttributeError)
-        module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+        module = importlib.util.module_from_spec(spec)
         sys.modules[mod_name] = module
-        spec.loader.exec_module(module)  # type: ignore[union-attr]
+        spec.loader.exec_module(module)
     else:
         # Console scripts do not put the working directory on sys.path; `python -m` does.
         if os.getcwd() not in sys.path and "" not in sys.path:

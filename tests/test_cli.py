@@ -54,6 +54,7 @@ def one_thread():
 def task(tmp_path):
     path = tmp_path / "task.py"
     path.write_text(TASK)
+    (tmp_path / "task.txt").write_text(TASK)  # the same code, under a name importlib refuses
     return path
 
 
@@ -164,6 +165,7 @@ def test_fit_with_number(task, capsys):
     (["find", "{dir}/missing.py:make"], "TARGET file '{dir}/missing.py' does not exist"),
     (["find", "lrfind_no_such_module:make"], "cannot import TARGET module"),
     (["find", "{task}:nope"], "has no function 'nope'"),
+    (["find", "{dir}/task.txt:make"], "TARGET file '{dir}/task.txt' is not a Python file (.py)"),
     (["find", "{task}:not_a_learner"], "returned list, not an lrfind.Learner"),
     (["find", "{task}:needs_args"],
      "TARGET {task}:needs_args must be callable without arguments: missing a required argument"),
