@@ -12,6 +12,9 @@ def accuracy(preds: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Share of rows whose arg-max over the last axis equals the target.
 
     Targets may be of shape (N,) or (N, 1); any other number of them is an error.
+
+    >>> accuracy(torch.tensor([[0.1, 0.9], [0.8, 0.2], [0.3, 0.7]]), torch.tensor([1, 1, 1]))
+    tensor(0.6667)
     """
     picked = preds.argmax(dim=-1).reshape(-1)
     targets = targets.reshape(-1)

@@ -13,7 +13,7 @@ WITH_EXAMPLES = [p.stem for p in SOURCES if ">>>" in p.read_text()]
 
 
 def test_the_modules_with_examples_are_found():
-    assert {"data", "schedules", "suggest"} <= set(WITH_EXAMPLES)
+    assert {"data", "metrics", "schedules", "suggest"} <= set(WITH_EXAMPLES)
 
 
 @pytest.mark.parametrize("name", WITH_EXAMPLES)
