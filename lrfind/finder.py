@@ -25,7 +25,7 @@ from .callback import Callback, CancelFitException, set_lr
 from .learner import Learner
 from .plots import in_notebook, new_axes
 from .progress import bar
-from .suggest import SUGGESTIONS, suggestion_input
+from .suggest import READABLE, SUGGESTIONS, drop_to_noise, suggestion_input
 from .utils import (
     check_int,
     check_number,
@@ -165,7 +165,8 @@ class LRFindResult:
     the optimizer step taken on the batch whose loss is ``raw_losses[k]`` (computed just before
     that step); ``losses`` are the smoothed losses. ``stop_reason`` is one of
     ``STOP_REASONS``: "diverged", "non-finite loss" or "num_it reached"; ``num_it`` is the
-    number of steps asked for. A suggestion is None when its rule found no answer.
+    number of steps asked for. A suggestion is None when its rule found no answer;
+    ``drop_to_noise`` says how well the curve can be read at all.
     """
 
     def __init__(self, lrs: list[float], raw_losses: list[float], losses: list[float],
@@ -192,6 +193,15 @@ class LRFindResult:
         found = ", ".join(f"{k}={'None' if v is None else f'{v:.3g}'}"
                           for k, v in self.suggestions.items())
         return f"LRFindResult({found}, points={len(self.lrs)}, stop_reason={self.stop_reason!r})"
+
+    @property
+    def drop_to_noise(self) -> float | None:
+        """The smoothed loss's fall over the batch-to-batch std of the loss; under 1, mostly noise.
+
+        See :func:`lrfind.suggest.drop_to_noise`; None when the curve never falls.
+        """
+        return drop_to_noise(np.array(self.lrs), np.array(self.raw_losses),
+                             np.array(self.losses), self.num_it)
 
     def plot(self, ax: Any = None, skip_end: int = 5) -> Any:
         """Smoothed loss against LR on a log-x axis, one labelled marker per suggestion.
@@ -362,6 +372,11 @@ def learner_lr_find(learn: Learner, *, start_lr: float, end_lr: float, num_it: i
         suggestions[name] = None if value is None or not math.isfinite(value) else float(value)
     res = LRFindResult(test.lrs, test.raw, test.smooth, test.stop_reason, suggestions, num_it)
     learn.recorder.lr_find_result = res
+    readable = res.drop_to_noise
+    if readable is not None and readable < READABLE:
+        warn(f"lr_find: the smoothed loss falls by only {readable:.2g} times the batch-to-batch "
+             "std of the loss, so the curve and its suggestions move from run to run by about "
+             "as much as it falls; a longer sweep (more num_it) or larger batches read it better")
     if show_plot and in_notebook() and learn.is_main:
         res.plot()
     return res

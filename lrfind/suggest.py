@@ -27,13 +27,15 @@ auto    2.4e-03
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import numpy as np
 
 from .utils import check_int, check_number, warn
 
-__all__ = ["SUGGESTIONS", "auto", "minimum", "slide", "steep", "suggestion_input", "valley"]
+__all__ = ["SUGGESTIONS", "auto", "drop_to_noise", "minimum", "slide", "steep", "suggestion_input",
+           "valley"]
 
 #: half-width, in decades of LR, of the window that smooths the curve for minimum/steep/auto
 WINDOW = 0.25
@@ -41,6 +43,8 @@ WINDOW = 0.25
 AUTO_MAX_DENSITY = 50
 #: decades below the lowest loss within which ``steep`` looks for the steepest descent
 STEEP_SPAN = 3.0
+#: ``drop_to_noise`` under which the range test warns that its curve is too noisy to read
+READABLE = 1.0
 
 
 def suggestion_input(
@@ -281,10 +285,11 @@ def slide(
     return float(lrs[0])
 
 
-def _half_drop(lx: np.ndarray, fit: np.ndarray, descent: tuple[int, int, float]) -> float:
-    """log10 LR where the smoothed loss last crosses, before its minimum, halfway down its drop."""
+def _fallen(lx: np.ndarray, fit: np.ndarray, descent: tuple[int, int, float],
+            share: float = 0.5) -> float:
+    """log10 LR where the smoothed loss last crosses, before its minimum, ``share`` of its drop."""
     _, i, start = descent
-    level = fit[i] + 0.5 * (start - fit[i])
+    level = fit[i] + (1 - share) * (start - fit[i])
     above = np.flatnonzero(fit[: i + 1] > level)
     j = int(above[-1]) if len(above) else 0
     if j >= i:
@@ -317,7 +322,49 @@ def auto(lrs: np.ndarray, losses: np.ndarray) -> float | None:
             f"auto: the range test has {density:.0f} points a decade; auto is made for "
             "100-300 steps over 1e-7..10 (12-37 a decade) and suggests too low an LR on much "
             "denser sweeps")
-    return float(10 ** ((_half_drop(lx, fit, descent) + _minimum_lr(lx, losses) - 0.5) / 2))
+    return float(10 ** ((_fallen(lx, fit, descent) + _minimum_lr(lx, losses) - 0.5) / 2))
+
+
+def drop_to_noise(lrs: np.ndarray, raw_losses: np.ndarray, losses: np.ndarray,
+                  num_it: int) -> float | None:
+    """How far the smoothed loss falls, in batch-to-batch standard deviations of the raw loss.
+
+    ``drop / noise``: ``drop`` is the fall of the smoothed curve ``losses`` that ``steep``
+    and ``auto`` read (start level - minimum of the suggestion input, see ``_descent``), and
+    ``noise`` the std of ``raw_losses`` about a local line (+-WINDOW decade) along that fall,
+    at least 10 points. Under READABLE (1.0) the curve falls by less than the loss of one
+    batch varies: with the default EMA (beta 0.98) the smoothed curve then moves from run to
+    run by about as much as it falls, and so do its suggestions. None when there is no fall
+    to measure (fewer than 5 finite points, or a curve that never falls).
+
+    >>> from lrfind.recorder import smooth
+    >>> lrs = np.logspace(-7, 1, 100)
+    >>> fall = 2 - 1 / (1 + np.exp(-4 * (np.log10(lrs) + 2.5)))  # from 2 to 1 around 3e-3
+    >>> noise = np.random.default_rng(0).normal(0, 1, 100)
+    >>> for size in (0.05, 1.0):
+    ...     raw = fall + size * noise
+    ...     print(f"{drop_to_noise(lrs, raw, smooth(raw), num_it=100):.1f}")
+    12.2
+    0.5
+    """
+    lrs = np.asarray(lrs, dtype=float).ravel()
+    raw = np.asarray(raw_losses, dtype=float).ravel()
+    if len(raw) != len(lrs):
+        raise ValueError(f"lrs and raw_losses differ in length: {len(lrs)} != {len(raw)}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the rules warn for themselves; this only measures
+        data = _smoothed_descent(*suggestion_input(lrs, losses, num_it), "drop_to_noise")
+    if data is None:
+        return None
+    lx, _, fit, _, (j, i, level) = data
+    # the raw losses the smoothed curve was read over, up to its minimum
+    inside = np.flatnonzero((lrs > 0) & (lrs <= 10 ** lx[-1]) & np.isfinite(raw))
+    x, y = np.log10(lrs[inside]), raw[inside]
+    trend, _ = _local_linear(x, y, WINDOW)
+    resid = (y - trend)[x <= lx[i]]
+    noise = float(resid[-max(10, int(np.sum((x >= lx[j]) & (x <= lx[i])))):].std())
+    drop = level - float(fit[i])
+    return drop / noise if noise > 0 else float("inf")
 
 
 SUGGESTIONS: dict[str, Callable[[np.ndarray, np.ndarray], float | None]] = {

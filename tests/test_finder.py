@@ -22,6 +22,9 @@ import lrfind
 from lrfind import Callback, Learner
 
 matplotlib.use("Agg")
+# the tiny learners here sweep few steps over curves that are mostly noise: the warning that
+# says so is checked by its own test
+pytestmark = pytest.mark.filterwarnings("ignore:lr_find. the smoothed loss falls by only")
 
 W = torch.tensor([[1.5], [-2.0], [0.7], [1.0]])
 SUGGESTIONS = ("minimum", "steep", "valley", "slide", "auto")
@@ -825,6 +828,25 @@ def test_result_object():
     assert res.num_it == 40
 
 
+def test_a_curve_within_the_noise_warns_and_a_clear_one_does_not():
+    lx = np.linspace(-7, 1, 100)
+    fall = 2 - 1 / (1 + np.exp(-4 * (lx + 2.5)))  # from 2 to 1 around lr 3e-3
+    noise = np.random.default_rng(0).normal(0, 1, 100)
+    noisy = make(loss_func=None, compute_loss=scripted(list(fall + noise)))
+    with pytest.warns(UserWarning, match=r"lr_find: the smoothed loss falls by only 0\.\d+ times "
+                      "the batch-to-batch std of the loss") as w:
+        res = noisy.lr_find(stop_div=False)
+    assert w[0].filename == __file__  # points at the caller
+    assert res.drop_to_noise < 1
+    assert res.drop_to_noise == lrfind.suggest.drop_to_noise(
+        np.array(res.lrs), np.array(res.raw_losses), np.array(res.losses), 100)
+    clear = make(loss_func=None, compute_loss=scripted(list(fall + 0.02 * noise)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        res = clear.lr_find(stop_div=False)
+    assert res.drop_to_noise > 10
+
+
 def test_custom_suggestion_function():
     def middle(lrs, losses):
         return float(lrs[len(lrs) // 2])
@@ -1010,6 +1032,7 @@ def test_linear_mode_over_many_decades_warns():
         make().lr_find(num_it=10, mode="linear", start_lr=1e-3, end_lr=1.0)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
+        warnings.filterwarnings("ignore", "lr_find: the smoothed loss falls by only")
         make().lr_find(num_it=20, mode="linear", start_lr=1e-3, end_lr=1e-1, stop_div=False,
                        suggest_funcs=("minimum",))
 

@@ -8,6 +8,7 @@ import pytest
 from lrfind.suggest import (
     SUGGESTIONS,
     auto,
+    drop_to_noise,
     minimum,
     slide,
     steep,
@@ -390,3 +391,52 @@ def test_long_runs_are_fast():
     x = np.linspace(-7, 1, 20_000)
     with pytest.warns(UserWarning, match="points a decade"):
         assert np.isfinite(auto(10**x, 1 - 0.5 * np.tanh(2 * (x + 3)) + 0.05 * np.exp(4 * x)))
+
+
+# ---- drop_to_noise: can the curve be read at all? -------------------------------------------
+def _noisy_fall(size, n=100, seed=0):
+    """A sweep of n steps over 1e-7..10 whose loss falls from 2 to 1 around 3e-3, plus noise."""
+    from lrfind.recorder import smooth
+
+    lrs = np.logspace(-7, 1, n)
+    raw = 2 - 1 / (1 + np.exp(-4 * (np.log10(lrs) + 2.5)))
+    raw = raw + size * np.random.default_rng(seed).normal(0, 1, n)
+    return lrs, raw, smooth(raw)
+
+
+def test_drop_to_noise_falls_as_the_noise_grows():
+    ratios = [drop_to_noise(*_noisy_fall(size), num_it=100) for size in (0.02, 0.1, 0.5, 2.0)]
+    assert ratios == sorted(ratios, reverse=True)
+    assert ratios[0] > 10 and ratios[-1] < 1  # a clean fall reads; one within the noise does not
+
+
+def test_drop_to_noise_is_about_drop_over_noise_on_a_long_sweep():
+    # 300 steps: the smoothed curve keeps up with the fall, so the ratio is near 1 / noise std
+    lrs, raw, smoothed = _noisy_fall(0.2, n=300)
+    assert 3 < drop_to_noise(lrs, raw, smoothed, num_it=300) < 6
+
+
+def test_drop_to_noise_ignores_the_loss_scale_and_offset():
+    lrs, raw, smoothed = _noisy_fall(0.3)
+    base = drop_to_noise(lrs, raw, smoothed, 100)
+    assert drop_to_noise(lrs, 1e-6 * raw + 5, 1e-6 * smoothed + 5, 100) == pytest.approx(base)
+
+
+def test_drop_to_noise_is_none_without_a_fall():
+    lrs = np.logspace(-7, 1, 100)
+    assert drop_to_noise(lrs, np.ones(100), np.ones(100), 100) is None
+    assert drop_to_noise(lrs[:3], np.ones(3), np.ones(3), 100) is None  # too few points
+
+
+def test_drop_to_noise_reads_up_to_the_first_non_finite_loss():
+    lrs, raw, smoothed = _noisy_fall(0.1)
+    base = drop_to_noise(lrs, raw, smoothed, 100)
+    raw[90:], smoothed[90:] = np.inf, np.nan  # the run stopped on an inf loss
+    cut = drop_to_noise(lrs, raw, smoothed, 100)
+    assert np.isfinite(cut) and cut == pytest.approx(base, rel=0.5)
+
+
+def test_drop_to_noise_checks_lengths():
+    lrs, raw, smoothed = _noisy_fall(0.1)
+    with pytest.raises(ValueError, match="lrs and raw_losses differ in length: 100 != 99"):
+        drop_to_noise(lrs, raw[:-1], smoothed, 100)
