@@ -326,7 +326,10 @@ INTRO = {
                    "anchor's own stop rule and suggestion code), first at the default 100 steps, "
                    "then at 300. A std over 5 seeds is itself noisy, so each study is followed by "
                    "the spread of lrfind's minimum, steep and auto over more range-test seeds "
-                   "(no training).",
+                   "(no training), beside the spread of the curve's own landmarks (the LRs where "
+                   "the smoothed loss has fallen a quarter, half and three quarters of its drop, "
+                   "and its bottom) and the number of runs whose curve falls by less than the "
+                   "noise of one batch (`drop_to_noise < 1`, where lr_find warns).",
 }
 
 

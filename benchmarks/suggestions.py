@@ -10,7 +10,10 @@ loss averaged over 3 seeds) and on a log grid of LRs (4 per decade, 1e-4..1). Th
 ``study(quick, extra)``. Run ``python benchmarks/suggestions.py [--quick] [--num-it N]`` for
 lrfind's methods alone; it prints a markdown table. ``--spread N`` prints instead the spread
 of lrfind's minimum, steep and auto over N range-test seeds (no training), a closer estimate
-than 5 seeds give. ``find`` and ``train_eval`` are the only two places that call the library.
+than 5 seeds give, beside the spread of the curve's own landmarks (where it has fallen a
+quarter, half and three quarters of its drop, and its bottom) and the number of runs whose
+curve falls by less than the noise of the loss (``drop_to_noise < 1``: lr_find warns).
+``find``, ``train_eval`` and the landmarks are the only places that call the library.
 """
 
 from __future__ import annotations
@@ -32,13 +35,31 @@ sys.path[:0] = [str(ROOT), str(ROOT.parent)]  # run as a script from anywhere, l
 from tasks import EPOCHS, TASKS  # noqa: E402
 
 import lrfind  # noqa: E402
+from lrfind.suggest import _fallen, _smoothed_descent  # noqa: E402
 
 METHODS = ("minimum", "steep", "valley", "slide", "auto")
 
 
+def _landmark(share: float | None) -> Callable[[np.ndarray, np.ndarray], float | None]:
+    """LR where the curve, smoothed as steep and auto read it, has fallen ``share`` of its
+    drop (None: the LR of its bottom)."""
+    def landmark(lrs: np.ndarray, losses: np.ndarray) -> float | None:
+        data = _smoothed_descent(lrs, losses, "landmark")
+        if data is None:
+            return None
+        lx, _, fit, _, descent = data
+        return float(10 ** (lx[descent[1]] if share is None else _fallen(lx, fit, descent, share)))
+    landmark.__name__ = "bottom" if share is None else f"fallen {round(100 * share)}%"
+    return landmark
+
+
+LANDMARKS = tuple(_landmark(share) for share in (0.25, 0.5, 0.75, None))
+
+
 def find(task: str, seed: int, num_it: int = 100,
          data_seed: int | None = None) -> dict[str, float | None]:
-    """Range test of ``num_it`` steps on a fresh ``task(seed)``; every suggestion by name.
+    """Range test of ``num_it`` steps on a fresh ``task(seed)``: every suggestion and
+    landmark by name, and the curve's ``drop_to_noise``.
 
     With ``data_seed``, the model comes from ``seed`` and the loaders from ``data_seed``.
     """
@@ -46,7 +67,8 @@ def find(task: str, seed: int, num_it: int = 100,
     if data_seed is not None:
         _, train_dl, valid_dl, _ = TASKS[task](data_seed)
     learn = lrfind.Learner(model, train_dl, valid_dl, loss_func=loss_func, progress=False)
-    return learn.lr_find(num_it=num_it, suggest_funcs=METHODS, show_plot=False).suggestions
+    res = learn.lr_find(num_it=num_it, suggest_funcs=(*METHODS, *LANDMARKS), show_plot=False)
+    return {**res.suggestions, "drop_to_noise": res.drop_to_noise}
 
 
 def train_eval(task: str, seed: int, lr_max: float | None) -> float:
@@ -163,29 +185,38 @@ def spread(tasks: list[str], num_it: int, n_seeds: int,
 
     A cell is "std over all seeds (lowest-highest std over disjoint groups of 5 seeds)": the
     study's 5-seed std is one draw from that range, and the all-seed std is what it estimates.
-    ``vary`` says what the seed sets: "both" (model init and data, as in the study), "init"
-    (the model only; data of seed 0) or "order" (the data only: shuffle order, and the split
-    for digits; model of seed 0).
+    After lrfind's ``methods``, the same for the curve's landmarks (``LANDMARKS``): a rule
+    that reads one of them spreads as much, whatever its window. The last row counts the runs
+    whose ``drop_to_noise`` is under 1, for which lr_find warns. ``vary`` says what the seed
+    sets: "both" (model init and data, as in the study), "init" (the model only; data of
+    seed 0) or "order" (the data only: shuffle order, and the split for digits; model of
+    seed 0).
     """
     lines = ["| method | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
-    logs: dict = {}
+    runs = {}
     for task in tasks:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            runs = [find(task, 0 if vary == "order" else s, num_it,
-                         {"both": None, "init": 0, "order": s}[vary]) for s in range(n_seeds)]
-        for m in methods:
-            values = [r[m] for r in runs]
-            ok = all(v is not None and v > 0 and math.isfinite(v) for v in values)
-            logs[m, task] = np.log10(values) if ok else None
-    for m in methods:
+            runs[task] = [find(task, 0 if vary == "order" else s, num_it,
+                               {"both": None, "init": 0, "order": s}[vary])
+                          for s in range(n_seeds)]
+    rows = [(f"lrfind {m}", m) for m in methods]
+    rows += [(f"curve {f.__name__}", f.__name__) for f in LANDMARKS]
+    for label, key in rows:
         cells = []
         for task in tasks:
-            v = logs[m, task]
-            groups = [v[i:i + 5].std() for i in range(0, len(v) - 4, 5)] if v is not None else []
-            cells.append("gave none" if v is None else f"{v.std():.3f} ({min(groups):.2f}-"
-                         f"{max(groups):.2f})")
-        lines.append(f"| lrfind {m} | " + " | ".join(cells) + " |")
+            values = [r[key] for r in runs[task]]
+            if not all(v is not None and v > 0 and math.isfinite(v) for v in values):
+                cells.append("gave none")
+                continue
+            v = np.log10(values)
+            groups = [v[i:i + 5].std() for i in range(0, len(v) - 4, 5)]
+            cells.append(f"{v.std():.3f} ({min(groups):.2f}-{max(groups):.2f})")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    warned = [sum(r["drop_to_noise"] is not None and r["drop_to_noise"] < 1 for r in runs[task])
+              for task in tasks]
+    lines.append("| runs with drop_to_noise < 1 | "
+                 + " | ".join(f"{w} of {n_seeds}" for w in warned) + " |")
     return lines
 
 
@@ -197,7 +228,8 @@ def main() -> None:
     parser.add_argument("--tasks", nargs="*", default=list(TASKS), choices=list(TASKS))
     parser.add_argument("--num-it", type=int, default=100, help="range-test length")
     parser.add_argument("--spread", type=int, metavar="N",
-                        help="instead of the study: the spread of minimum/steep/auto over N seeds")
+                        help="instead of the study: the spread of minimum/steep/auto and of "
+                             "the curve's landmarks over N seeds")
     parser.add_argument("--vary", choices=VARY, default="both",
                         help="with --spread, what a seed sets: model init and data (default), "
                              "the init only or the data only")
