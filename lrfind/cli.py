@@ -158,7 +158,7 @@ def _finite(obj: Any) -> Any:
 def _curve(res: Any) -> dict[str, Any]:
     return {"lrs": res.lrs, "losses": res.losses, "raw_losses": res.raw_losses,
             "stop_reason": res.stop_reason, "num_it": res.num_it,
-            "suggestions": res.suggestions}
+            "suggestions": res.suggestions, "drop_to_noise": res.drop_to_noise}
 
 
 def _write_json(path: Path, data: Any) -> None:

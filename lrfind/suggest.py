@@ -116,7 +116,8 @@ def _local_linear(x: np.ndarray, y: np.ndarray, h: float) -> tuple[np.ndarray, n
     Window sums come from prefix sums, so it is O(n log n) for any number of points.
     """
     order = np.argsort(x, kind="stable")
-    xs, ys = x[order] - x.mean(), y[order] - y.mean()  # centred: prefix sums stay accurate
+    y_mean = y.mean()
+    xs, ys = x[order] - x.mean(), y[order] - y_mean  # centred: prefix sums stay accurate
     scale = float(np.abs(ys).max()) or 1.0  # scaled: any loss magnitude neither under- nor
     ys = ys / scale                          # overflows in the sums of squares
     lo = np.searchsorted(xs, xs - h - 1e-12, side="left")
@@ -133,7 +134,7 @@ def _local_linear(x: np.ndarray, y: np.ndarray, h: float) -> tuple[np.ndarray, n
     ok = sxx > 1e-12 * np.maximum(n, 1.0)
     slope = np.where(ok, sxy / np.where(ok, sxx, 1.0), 0.0)
     value, out_slope = np.empty_like(xs), np.empty_like(xs)
-    value[order] = scale * (my + slope * (xs - mx)) + y.mean()
+    value[order] = scale * (my + slope * (xs - mx)) + y_mean
     out_slope[order] = scale * slope
     return value, out_slope
 
@@ -158,7 +159,8 @@ def _descent(fit: np.ndarray) -> tuple[int, int, float]:
         if p <= warm or fit[i] <= fit[warm:p].min():
             break
         fit = fit[:p]  # a prefix: indices stay those of the whole curve
-    level = float(np.median(fit[p : min(i + 1, p + max(5, (i - p) // 3))]))
+    head = np.sort(fit[p : min(i + 1, p + max(5, (i - p) // 3))])
+    level = float((head[(len(head) - 1) // 2] + head[len(head) // 2]) / 2)  # np.median, faster
     above = np.flatnonzero(fit[: i + 1] >= level)
     return (int(above[-1]) if len(above) else 0), i, level
 

@@ -107,6 +107,7 @@ def test_find_file_target(task, tmp_path, capsys):
     curve = json.loads((out / "lr_find.json").read_text())
     assert curve["num_it"] == 40 and 10 < len(curve["lrs"]) <= 40
     assert curve["lrs"][0] == pytest.approx(1e-7)
+    assert curve["drop_to_noise"] > 1  # this curve reads: no warning on stderr above
 
 
 def test_find_module_target(task, monkeypatch, capsys):
