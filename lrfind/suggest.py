@@ -335,9 +335,10 @@ def drop_to_noise(lrs: np.ndarray, raw_losses: np.ndarray, losses: np.ndarray,
     and ``auto`` read (start level - minimum of the suggestion input, see ``_descent``), and
     ``noise`` the std of ``raw_losses`` about a local line (+-WINDOW decade) along that fall,
     at least 10 points. Under READABLE (1.0) the curve falls by less than the loss of one
-    batch varies: with the default EMA (beta 0.98) the smoothed curve then moves from run to
-    run by about as much as it falls, and so do its suggestions. None when there is no fall
-    to measure (fewer than 5 finite points, or a curve that never falls).
+    batch varies: its shape, and every suggestion read from it, then changes from run to run
+    (on lrfind's benchmark tasks, the runs under 1 are those of the tasks whose suggestions
+    spread most between seeds). None when there is no fall to measure (fewer than 5 finite
+    points, or a curve that never falls).
 
     >>> from lrfind.recorder import smooth
     >>> lrs = np.logspace(-7, 1, 100)
@@ -359,9 +360,9 @@ def drop_to_noise(lrs: np.ndarray, raw_losses: np.ndarray, losses: np.ndarray,
     if data is None:
         return None
     lx, _, fit, _, (j, i, level) = data
-    # the raw losses the smoothed curve was read over, up to its minimum
-    inside = np.flatnonzero((lrs > 0) & (lrs <= 10 ** lx[-1]) & np.isfinite(raw))
-    x, y = np.log10(lrs[inside]), raw[inside]
+    ok = (lrs > 0) & np.isfinite(raw)
+    x, y = np.log10(lrs[ok]), raw[ok]
+    x, y = x[x <= lx[-1]], y[x <= lx[-1]]  # the stretch the smoothed curve was read over
     trend, _ = _local_linear(x, y, WINDOW)
     resid = (y - trend)[x <= lx[i]]
     noise = float(resid[-max(10, int(np.sum((x >= lx[j]) & (x <= lx[i])))):].std())
