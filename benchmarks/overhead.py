@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--quick", action="store_true", help="fewer pairs and epochs")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    pairs, epochs, num_it = (3, 1, 60) if args.quick else (7, 2, 100)
+    pairs, epochs, num_it = (3, 1, 60) if args.quick else (21, 2, 100)
     out = table(overhead_rows(pairs, epochs, num_it),
                 ("task", "loop", "lrfind us/step", "raw us/step", "ratio (median of pairs)"))
     raw_mb, ours_mb = peak_memory_mb("raw_range_test"), peak_memory_mb("lrfind_range_test")

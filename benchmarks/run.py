@@ -341,7 +341,7 @@ def main(argv: list[str] | None = None) -> str:
     args = parser.parse_args(argv)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    pairs, epochs, num_it, runs = (3, 1, 60, 5) if args.quick else (7, 2, 100, 7)
+    pairs, epochs, num_it, runs = (3, 1, 60, 5) if args.quick else (21, 2, 100, 7)
     start = time.perf_counter()
     parts = [header(args.quick, threads)]
     print(parts[0], flush=True)
