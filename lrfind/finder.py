@@ -375,8 +375,8 @@ def learner_lr_find(learn: Learner, *, start_lr: float, end_lr: float, num_it: i
     readable = res.drop_to_noise
     if readable is not None and readable < READABLE:
         warn(f"lr_find: the smoothed loss falls by only {readable:.2g} times the batch-to-batch "
-             "std of the loss: the curve is mostly noise, and suggestions read from it change "
-             "from run to run; a longer sweep (more num_it) or larger batches read it better")
+             "std of the loss, too little to read: suggestions from this curve change from run "
+             "to run; a longer sweep (more num_it) or larger batches read it better")
     if show_plot and in_notebook() and learn.is_main:
         res.plot()
     return res

@@ -27,7 +27,7 @@ auto    2.4e-03
 
 from __future__ import annotations
 
-import warnings
+import math
 from collections.abc import Callable
 
 import numpy as np
@@ -77,9 +77,11 @@ def _warm(n: int) -> int:
     return max(5, n // 10)
 
 
-def _prepare(lrs: np.ndarray, losses: np.ndarray, need: int, name: str,
+def _prepare(lrs: np.ndarray, losses: np.ndarray, need: int, name: str | None,
              to_blow_up: bool = False):
     """Finite float arrays (cut at the first non-finite value or lr <= 0), or None + a warning.
+
+    The warning names the rule ``name``; with ``name=None`` there is none.
 
     ``to_blow_up`` also cuts where the loss first passes both 4x its lowest value so far
     (the range test's divergence rule with the default ``div_th``; the first tenth of the
@@ -101,9 +103,9 @@ def _prepare(lrs: np.ndarray, losses: np.ndarray, need: int, name: str,
         over = np.flatnonzero((y - best > 3 * np.abs(best)) & (y > top))
         n = warm + int(over[0]) if len(over) else n
     if n < need:
-        warn(
-            f"{name}: needs at least {need} finite points, got {n}; no suggestion "
-            "(run the range test longer or with a smaller start_lr)")
+        if name is not None:
+            warn(f"{name}: needs at least {need} finite points, got {n}; no suggestion "
+                 "(run the range test longer or with a smaller start_lr)")
         return None
     return lrs[:n], losses[:n]
 
@@ -166,12 +168,12 @@ def _descent(fit: np.ndarray) -> tuple[int, int, float]:
 
 
 def _smoothed_descent(
-    lrs: np.ndarray, losses: np.ndarray, name: str
+    lrs: np.ndarray, losses: np.ndarray, name: str | None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, tuple[int, int, float]] | None:
     """(log10 lrs, curve smoothed over +-2*WINDOW, its slope, ``_descent``) or None + a warning.
 
     None when there are fewer than 5 finite points or the smoothed loss never falls
-    below its start level.
+    below its start level; the warning names the rule ``name`` (none for ``name=None``).
     """
     data = _prepare(lrs, losses, 5, name, to_blow_up=True)
     if data is None:
@@ -182,7 +184,8 @@ def _smoothed_descent(
     _, i, level = descent
     if level - fit[i] > 1e-9 * abs(level):
         return lx, data[1], fit, slope, descent
-    warn(f"{name}: the loss never fell below its start level; no suggestion")
+    if name is not None:
+        warn(f"{name}: the loss never fell below its start level; no suggestion")
     return None
 
 
@@ -333,12 +336,13 @@ def drop_to_noise(lrs: np.ndarray, raw_losses: np.ndarray, losses: np.ndarray,
 
     ``drop / noise``: ``drop`` is the fall of the smoothed curve ``losses`` that ``steep``
     and ``auto`` read (start level - minimum of the suggestion input, see ``_descent``), and
-    ``noise`` the std of ``raw_losses`` about a local line (+-WINDOW decade) along that fall,
-    at least 10 points. Under READABLE (1.0) the curve falls by less than the loss of one
-    batch varies: its shape, and every suggestion read from it, then changes from run to run
-    (on lrfind's benchmark tasks, the runs under 1 are those of the tasks whose suggestions
-    spread most between seeds). None when there is no fall to measure (fewer than 5 finite
-    points, or a curve that never falls).
+    ``noise`` the std of one batch's loss about its local trend, ``std(second differences of
+    raw_losses) / sqrt(6)``, along that fall (at least its last 10 points). Under READABLE
+    (1.0) the curve falls by less than the loss of one batch varies: its shape, and every
+    suggestion read from it, then changes from run to run (on lrfind's benchmark tasks, the
+    runs under 1 are those of the tasks whose suggestions spread most between seeds). None
+    when there is no fall to measure (fewer than 5 points, or a curve that never falls); inf
+    for a loss without noise.
 
     >>> from lrfind.recorder import smooth
     >>> lrs = np.logspace(-7, 1, 100)
@@ -347,27 +351,28 @@ def drop_to_noise(lrs: np.ndarray, raw_losses: np.ndarray, losses: np.ndarray,
     >>> for size in (0.05, 1.0):
     ...     raw = fall + size * noise
     ...     print(f"{drop_to_noise(lrs, raw, smooth(raw), num_it=100):.1f}")
-    12.2
-    0.5
+    11.4
+    0.4
     """
     lrs = np.asarray(lrs, dtype=float).ravel()
     raw = np.asarray(raw_losses, dtype=float).ravel()
-    if len(raw) != len(lrs):
-        raise ValueError(f"lrs and raw_losses differ in length: {len(lrs)} != {len(raw)}")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the rules warn for themselves; this only measures
-        data = _smoothed_descent(*suggestion_input(lrs, losses, num_it), "drop_to_noise")
+    losses = np.asarray(losses, dtype=float).ravel()
+    if not len(lrs) == len(raw) == len(losses):
+        raise ValueError(f"lrs, raw_losses and losses differ in length: {len(lrs)}, "
+                         f"{len(raw)}, {len(losses)}")
+    data = _smoothed_descent(*suggestion_input(lrs, losses, num_it), None)
     if data is None:
         return None
     lx, _, fit, _, (j, i, level) = data
     ok = (lrs > 0) & np.isfinite(raw)
     x, y = np.log10(lrs[ok]), raw[ok]
-    x, y = x[x <= lx[-1]], y[x <= lx[-1]]  # the stretch the smoothed curve was read over
-    trend, _ = _local_linear(x, y, WINDOW)
-    resid = (y - trend)[x <= lx[i]]
-    noise = float(resid[-max(10, int(np.sum((x >= lx[j]) & (x <= lx[i])))):].std())
-    drop = level - float(fit[i])
-    return drop / noise if noise > 0 else float("inf")
+    fall = y[x <= lx[i]][-max(10, int(np.sum((x >= lx[j]) & (x <= lx[i])))):]
+    if len(fall) < 5:
+        return None
+    scale = float(np.abs(fall).max()) or 1.0  # scaled: huge losses do not overflow the std
+    noise = float(np.diff(fall / scale, 2).std()) / math.sqrt(6)
+    drop = (level - float(fit[i])) / scale
+    return drop / noise if noise > 0 else math.inf
 
 
 SUGGESTIONS: dict[str, Callable[[np.ndarray, np.ndarray], float | None]] = {

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import same
+from helpers import noisy_fall, same
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -829,18 +829,15 @@ def test_result_object():
 
 
 def test_a_curve_within_the_noise_warns_and_a_clear_one_does_not():
-    lx = np.linspace(-7, 1, 100)
-    fall = 2 - 1 / (1 + np.exp(-4 * (lx + 2.5)))  # from 2 to 1 around lr 3e-3
-    noise = np.random.default_rng(0).normal(0, 1, 100)
-    noisy = make(loss_func=None, compute_loss=scripted(list(fall + noise)))
+    noisy = make(loss_func=None, compute_loss=scripted(list(noisy_fall(1.0)[1])))
     with pytest.warns(UserWarning, match=r"lr_find: the smoothed loss falls by only 0\.\d+ times "
-                      "the batch-to-batch std of the loss") as w:
+                      "the batch-to-batch std of the loss, too little to read") as w:
         res = noisy.lr_find(stop_div=False)
     assert w[0].filename == __file__  # points at the caller
     assert res.drop_to_noise < 1
     assert res.drop_to_noise == lrfind.suggest.drop_to_noise(
         np.array(res.lrs), np.array(res.raw_losses), np.array(res.losses), 100)
-    clear = make(loss_func=None, compute_loss=scripted(list(fall + 0.02 * noise)))
+    clear = make(loss_func=None, compute_loss=scripted(list(noisy_fall(0.02)[1])))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         res = clear.lr_find(stop_div=False)

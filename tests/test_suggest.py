@@ -4,7 +4,9 @@ import warnings
 
 import numpy as np
 import pytest
+from helpers import noisy_fall
 
+from lrfind.recorder import smooth
 from lrfind.suggest import (
     SUGGESTIONS,
     auto,
@@ -394,49 +396,63 @@ def test_long_runs_are_fast():
 
 
 # ---- drop_to_noise: can the curve be read at all? -------------------------------------------
-def _noisy_fall(size, n=100, seed=0):
-    """A sweep of n steps over 1e-7..10 whose loss falls from 2 to 1 around 3e-3, plus noise."""
-    from lrfind.recorder import smooth
-
-    lrs = np.logspace(-7, 1, n)
-    raw = 2 - 1 / (1 + np.exp(-4 * (np.log10(lrs) + 2.5)))
-    raw = raw + size * np.random.default_rng(seed).normal(0, 1, n)
-    return lrs, raw, smooth(raw)
-
-
 def test_drop_to_noise_falls_as_the_noise_grows():
-    ratios = [drop_to_noise(*_noisy_fall(size), num_it=100) for size in (0.02, 0.1, 0.5, 2.0)]
+    ratios = [drop_to_noise(*noisy_fall(size), num_it=100) for size in (0.02, 0.1, 0.5, 2.0)]
     assert ratios == sorted(ratios, reverse=True)
     assert ratios[0] > 10 and ratios[-1] < 1  # a clean fall reads; one within the noise does not
 
 
 def test_drop_to_noise_is_about_drop_over_noise_on_a_long_sweep():
-    # 300 steps: the smoothed curve keeps up with the fall, so the ratio is near 1 / noise std
-    lrs, raw, smoothed = _noisy_fall(0.2, n=300)
-    assert 3 < drop_to_noise(lrs, raw, smoothed, num_it=300) < 6
+    # 300 steps: the smoothed curve keeps up with the fall of 1, so the ratio is near 1 / 0.2
+    lrs, raw, smoothed = noisy_fall(0.2, n=300)
+    assert 4 < drop_to_noise(lrs, raw, smoothed, num_it=300) < 6
 
 
 def test_drop_to_noise_ignores_the_loss_scale_and_offset():
-    lrs, raw, smoothed = _noisy_fall(0.3)
+    lrs, raw, smoothed = noisy_fall(0.3)
     base = drop_to_noise(lrs, raw, smoothed, 100)
-    assert drop_to_noise(lrs, 1e-6 * raw + 5, 1e-6 * smoothed + 5, 100) == pytest.approx(base)
+    for scale, offset in ((1e-6, 5.0), (1e200, 0.0), (1.0, -5.0)):  # tiny, huge, negative
+        moved = drop_to_noise(lrs, scale * raw + offset, scale * smoothed + offset, 100)
+        assert moved == pytest.approx(base)
+
+
+@pytest.mark.parametrize("n", [8, 12, 16, 20, 24, 32])
+def test_drop_to_noise_stays_finite_on_a_sparse_sweep(n):
+    # a few points a decade: the noise is not measured as zero, not even without noise
+    clean, noisy = (drop_to_noise(*noisy_fall(size, n=n), num_it=n) for size in (0.0, 0.3))
+    assert 0 < clean < 100 and 0 < noisy < 1 / 0.3 * 1.5
+
+
+def test_drop_to_noise_on_a_linear_sweep():
+    lrs = np.linspace(1e-4, 2e-2, 100)
+    clear, noisy = (drop_to_noise(*noisy_fall(size, lrs=lrs), 100) for size in (0.02, 2.0))
+    assert clear > 10 and noisy < 1
+
+
+def test_drop_to_noise_of_a_run_past_its_blow_up():
+    lrs, raw, _ = noisy_fall(0.1)
+    base = drop_to_noise(lrs, raw, smooth(raw), 100)
+    raw[90:] *= np.logspace(1, 30, 10)  # stop_div=False: on to 1e30
+    value = drop_to_noise(lrs, raw, smooth(raw), 100)
+    assert np.isfinite(value) and value == pytest.approx(base, rel=0.5)
 
 
 def test_drop_to_noise_is_none_without_a_fall():
     lrs = np.logspace(-7, 1, 100)
     assert drop_to_noise(lrs, np.ones(100), np.ones(100), 100) is None
-    assert drop_to_noise(lrs[:3], np.ones(3), np.ones(3), 100) is None  # too few points
+    lrs, raw, smoothed = noisy_fall(0.1)
+    assert drop_to_noise(lrs[:4], raw[:4], smoothed[:4], 100) is None  # too few points
 
 
 def test_drop_to_noise_reads_up_to_the_first_non_finite_loss():
-    lrs, raw, smoothed = _noisy_fall(0.1)
-    base = drop_to_noise(lrs, raw, smoothed, 100)
-    raw[90:], smoothed[90:] = np.inf, np.nan  # the run stopped on an inf loss
-    cut = drop_to_noise(lrs, raw, smoothed, 100)
-    assert np.isfinite(cut) and cut == pytest.approx(base, rel=0.5)
+    lrs, raw, smoothed = noisy_fall(0.1)
+    cut = drop_to_noise(lrs[:60], raw[:60], smoothed[:60], 100)
+    raw[60:], smoothed[60:] = np.inf, np.nan  # the run stopped on an inf loss, mid-fall
+    assert drop_to_noise(lrs, raw, smoothed, 100) == cut
 
 
 def test_drop_to_noise_checks_lengths():
-    lrs, raw, smoothed = _noisy_fall(0.1)
-    with pytest.raises(ValueError, match="lrs and raw_losses differ in length: 100 != 99"):
+    lrs, raw, smoothed = noisy_fall(0.1)
+    with pytest.raises(ValueError, match="lrs, raw_losses and losses differ in length: 100, 99, "
+                                         "100"):
         drop_to_noise(lrs, raw[:-1], smoothed, 100)
