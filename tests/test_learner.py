@@ -43,6 +43,9 @@ from lrfind.metrics import metric_name
 from lrfind.utils import map_nested
 
 matplotlib.use("Agg")
+# the range tests here sweep a few steps over curves too short to read: the warning that
+# says so is checked in test_finder.py
+pytestmark = pytest.mark.filterwarnings("ignore:lr_find. the smoothed loss falls by only")
 
 # ---- helpers ---------------------------------------------------------------------------------
 

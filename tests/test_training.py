@@ -20,6 +20,10 @@ from torch import nn
 import lrfind
 from lrfind import Callback, Checkpoint, EarlyStopping, SaveBest
 
+# the range tests here sweep a few steps over curves too short to read: the warning that
+# says so is checked in test_finder.py
+pytestmark = pytest.mark.filterwarnings("ignore:lr_find. the smoothed loss falls by only")
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # A seeded task, shared by this process and the subprocesses below.
