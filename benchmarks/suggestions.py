@@ -185,8 +185,8 @@ def spread(tasks: list[str], num_it: int, n_seeds: int,
 
     A cell is "std over all seeds (lowest-highest std over disjoint groups of 5 seeds)": the
     study's 5-seed std is one draw from that range, and the all-seed std is what it estimates.
-    After lrfind's ``methods``, the same for the curve's landmarks (``LANDMARKS``): a rule
-    that reads one of them spreads as much, whatever its window. The last row counts the runs
+    After lrfind's ``methods``, the same for the curve's landmarks (``LANDMARKS``): where
+    they all move, a rule that reads the descent moves with them. The last row counts the runs
     whose ``drop_to_noise`` is under 1, for which lr_find warns. ``vary`` says what the seed
     sets: "both" (model init and data, as in the study), "init" (the model only; data of
     seed 0) or "order" (the data only: shuffle order, and the split for digits; model of

@@ -196,7 +196,7 @@ class LRFindResult:
 
     @property
     def drop_to_noise(self) -> float | None:
-        """The smoothed loss's fall over the batch-to-batch std of the loss; under 1, mostly noise.
+        """The smoothed loss's fall over the batch-to-batch loss std; under 1, too little to read.
 
         See :func:`lrfind.suggest.drop_to_noise`; None when the curve never falls.
         """
